@@ -1,0 +1,135 @@
+//! The mount and namespace calls the agent makes, behind a trait so the
+//! rootfs logic can be unit-tested without privileges (youki style).
+
+use std::path::Path;
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+
+/// Mount and namespace system calls.
+pub trait Syscall: Send + Sync {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> nix::Result<()>;
+    fn umount(&self, target: &Path, flags: MntFlags) -> nix::Result<()>;
+    fn pivot_root(&self, new_root: &Path, put_old: &Path) -> nix::Result<()>;
+    fn unshare(&self, flags: CloneFlags) -> nix::Result<()>;
+    fn sethostname(&self, name: &str) -> nix::Result<()>;
+}
+
+/// The real kernel.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxSyscall;
+
+impl Syscall for LinuxSyscall {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> nix::Result<()> {
+        nix::mount::mount(source, target, fstype, flags, data)
+    }
+
+    fn umount(&self, target: &Path, flags: MntFlags) -> nix::Result<()> {
+        nix::mount::umount2(target, flags)
+    }
+
+    fn pivot_root(&self, new_root: &Path, put_old: &Path) -> nix::Result<()> {
+        nix::unistd::pivot_root(new_root, put_old)
+    }
+
+    fn unshare(&self, flags: CloneFlags) -> nix::Result<()> {
+        nix::sched::unshare(flags)
+    }
+
+    fn sethostname(&self, name: &str) -> nix::Result<()> {
+        nix::unistd::sethostname(name)
+    }
+}
+
+#[cfg(test)]
+pub mod test {
+    //! A recording fake for unit tests.
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Call {
+        Mount {
+            source: Option<String>,
+            target: String,
+            fstype: Option<String>,
+            flags: MsFlags,
+            data: Option<String>,
+        },
+        Umount(String),
+        PivotRoot(String),
+        Unshare(CloneFlags),
+        Hostname(String),
+    }
+
+    #[derive(Default)]
+    pub struct RecordingSyscall {
+        pub calls: Mutex<Vec<Call>>,
+    }
+
+    impl RecordingSyscall {
+        pub fn take(&self) -> Vec<Call> {
+            std::mem::take(&mut self.calls.lock().unwrap())
+        }
+    }
+
+    fn s(p: &Path) -> String {
+        p.display().to_string()
+    }
+
+    impl Syscall for RecordingSyscall {
+        fn mount(
+            &self,
+            source: Option<&Path>,
+            target: &Path,
+            fstype: Option<&str>,
+            flags: MsFlags,
+            data: Option<&str>,
+        ) -> nix::Result<()> {
+            self.calls.lock().unwrap().push(Call::Mount {
+                source: source.map(s),
+                target: s(target),
+                fstype: fstype.map(str::to_owned),
+                flags,
+                data: data.map(str::to_owned),
+            });
+            Ok(())
+        }
+        fn umount(&self, target: &Path, _flags: MntFlags) -> nix::Result<()> {
+            self.calls.lock().unwrap().push(Call::Umount(s(target)));
+            Ok(())
+        }
+        fn pivot_root(&self, new_root: &Path, _put_old: &Path) -> nix::Result<()> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(Call::PivotRoot(s(new_root)));
+            Ok(())
+        }
+        fn unshare(&self, flags: CloneFlags) -> nix::Result<()> {
+            self.calls.lock().unwrap().push(Call::Unshare(flags));
+            Ok(())
+        }
+        fn sethostname(&self, name: &str) -> nix::Result<()> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(Call::Hostname(name.to_owned()));
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Pieces shared by the agent's integration tests (host and VM).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::process::Command;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moat_agent::scenarios;
+use moat_protocol::agent::{source::Kind, Source, Volume};
+use protobuf::MessageField;
+
+/// Exits the test binary successfully after a loud notice.
+pub fn skip(suite: &str, why: &str) -> ! {
+    eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+    eprintln!("!!! SKIPPED {suite}: {why}");
+    eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
+    std::process::exit(0);
+}
+
+pub fn sh(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A busybox tree: /bin/busybox plus a symlink per applet.
+pub fn busybox_tree(dir: &Path) {
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "tmp", "proc", "sys", "dev", "root",
+    ] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
+    let list = sh(Command::new("/bin/busybox").arg("--list-full"));
+    for applet in list.lines() {
+        let p = dir.join(applet);
+        if !p.exists() {
+            std::os::unix::fs::symlink("/bin/busybox", &p).unwrap();
+        }
+    }
+    std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(dir.join("etc/group"), "root:x:0:\n").unwrap();
+}
+
+pub fn vol(kind: Kind, fs: &str) -> Volume {
+    Volume {
+        source: MessageField::some(Source {
+            kind: Some(kind),
+            ..Default::default()
+        }),
+        fs_type: fs.into(),
+        ..Default::default()
+    }
+}
+
+/// A named test case. Cases own what they use (an `Arc<Env>` clone): one
+/// that overruns its timeout is abandoned in its thread, and the suite goes on.
+pub type Case = (&'static str, Box<dyn Fn() + Send + 'static>);
+
+/// A case running `f` against a shared value (usually the suite's `Env`).
+pub fn case<T: Send + Sync + 'static>(name: &'static str, env: &Arc<T>, f: fn(&T)) -> Case {
+    let env = env.clone();
+    (name, Box::new(move || f(&env)))
+}
+
+/// How the suite paces its cases.
+pub struct Limits {
+    /// Cases that would start after this is spent are skipped, loudly and by
+    /// name: the VM suite orders its cases by value, and a slow (emulated)
+    /// guest then still fits CI's time.
+    pub budget: Option<Duration>,
+    /// A case still running after this has failed. Its thread is left behind
+    /// (a call blocked in the agent cannot be cancelled) and the next case
+    /// starts on its own connection.
+    pub per_case: Duration,
+}
+
+/// Runs the cases whose names contain a command-line filter word (all
+/// without one), each in its own thread, isolated from the others' panics
+/// and hangs, and prints a closing line with the counts, checks skipped
+/// inside cases (`scenarios::skipped`) included.
+/// Returns the names that failed.
+pub fn run_cases(cases: Vec<Case>, limits: Limits) -> Vec<String> {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let (mut passed, mut failed, mut skipped) = (0, Vec::new(), 0);
+    let start = Instant::now();
+    for (name, f) in cases {
+        if !filter.is_empty() && !filter.iter().any(|x| name.contains(x.as_str())) {
+            continue;
+        }
+        if let Some(budget) = limits.budget.filter(|b| start.elapsed() > *b) {
+            eprintln!(
+                "!!! SKIPPED {name}: the suite's time budget of {budget:?} is spent \
+                 (raise it with MOAT_VM_SUITE_BUDGET_SECS)"
+            );
+            skipped += 1;
+            continue;
+        }
+        let t = Instant::now();
+        let skips_before = scenarios::skip_count();
+        eprintln!("test {name} ...");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(catch_unwind(AssertUnwindSafe(f)).is_ok());
+        });
+        match rx.recv_timeout(limits.per_case) {
+            Ok(true) => {
+                passed += 1;
+                let n = scenarios::skip_count() - skips_before;
+                let note = if n > 0 {
+                    format!(", {n} check(s) SKIPPED (see above)")
+                } else {
+                    String::new()
+                };
+                eprintln!(
+                    "test {name} ... ok ({:.1}s{note})",
+                    t.elapsed().as_secs_f64()
+                );
+            }
+            Ok(false) | Err(RecvTimeoutError::Disconnected) => {
+                eprintln!("test {name} ... FAILED");
+                failed.push(name.to_string());
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                eprintln!(
+                    "test {name} ... FAILED: still running after {:?}; abandoned",
+                    limits.per_case
+                );
+                failed.push(name.to_string());
+            }
+        }
+    }
+    println!(
+        "{passed} passed, {} failed, {skipped} skipped; {} check(s) inside passed cases skipped",
+        failed.len(),
+        scenarios::skip_count()
+    );
+    failed
+}

@@ -1,0 +1,250 @@
+//! The stdio stream handshake on the agent's stdio port ([`crate::STDIO_PORT`]).
+//!
+//! Every stdio stream of a process (stdin, stdout, stderr, or one pty) is its
+//! own connection, so bulk output never competes with ttrpc calls. The host
+//! opens the connection and sends a header naming the stream; the agent
+//! answers with one reply line:
+//!
+//! ```text
+//! host  -> agent: u16 big-endian length N, then N bytes of UTF-8:
+//!                 "MOAT-STDIO/1 <kind> <container_id> <exec_id>"
+//!                 kind: stdin | stdout | stderr | pty; exec_id "-" = init process
+//! agent -> host:  "OK\n"  or  "ERR <reason>\n"
+//! ```
+//!
+//! After `OK` the connection carries raw bytes: stdin host->agent (the host's
+//! write shutdown is the process's EOF), stdout/stderr agent->host (the agent
+//! closes after the process's pipe reached EOF), pty both ways. The host must
+//! not send stream data before it has read the reply.
+
+use std::io::{self, Read, Write};
+
+use thiserror::Error;
+
+use crate::ids::{is_valid_exec_id, is_valid_id};
+
+/// Protocol word at the start of every header.
+pub const STREAM_MAGIC: &str = "MOAT-STDIO/1";
+/// Largest header the agent accepts.
+pub const MAX_HEADER_LEN: usize = 512;
+/// Largest reply line the host accepts.
+const MAX_REPLY_LEN: usize = 1024;
+
+/// Which stdio stream a connection carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StreamKind {
+    Stdin,
+    Stdout,
+    Stderr,
+    /// A terminal: input and output on one connection.
+    Pty,
+}
+
+impl StreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Stdin => "stdin",
+            StreamKind::Stdout => "stdout",
+            StreamKind::Stderr => "stderr",
+            StreamKind::Pty => "pty",
+        }
+    }
+
+    fn parse(s: &str) -> Option<StreamKind> {
+        Some(match s {
+            "stdin" => StreamKind::Stdin,
+            "stdout" => StreamKind::Stdout,
+            "stderr" => StreamKind::Stderr,
+            "pty" => StreamKind::Pty,
+            _ => return None,
+        })
+    }
+}
+
+/// Names the process and stream a connection belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamHeader {
+    pub container_id: String,
+    /// Empty for the container's init process.
+    pub exec_id: String,
+    pub kind: StreamKind,
+}
+
+/// Errors of the stream handshake.
+#[derive(Debug, Error)]
+pub enum StreamError {
+    #[error("stream handshake I/O failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("malformed stream header: {0}")]
+    Malformed(String),
+    #[error("invalid container or exec id in stream header")]
+    InvalidId,
+    #[error("agent refused the stream: {0}")]
+    Refused(String),
+}
+
+impl StreamHeader {
+    pub fn new(container_id: &str, exec_id: &str, kind: StreamKind) -> StreamHeader {
+        StreamHeader {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            kind,
+        }
+    }
+
+    /// The header bytes, length prefix included.
+    pub fn encode(&self) -> Result<Vec<u8>, StreamError> {
+        if !is_valid_id(&self.container_id) || !is_valid_exec_id(&self.exec_id) {
+            return Err(StreamError::InvalidId);
+        }
+        let exec = if self.exec_id.is_empty() {
+            "-"
+        } else {
+            &self.exec_id
+        };
+        let text = format!(
+            "{STREAM_MAGIC} {} {} {exec}",
+            self.kind.as_str(),
+            self.container_id
+        );
+        let len = u16::try_from(text.len()).map_err(|_| StreamError::InvalidId)?;
+        let mut out = Vec::with_capacity(2 + text.len());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(text.as_bytes());
+        Ok(out)
+    }
+
+    /// Reads a header (agent side): two reads, whatever its length.
+    pub fn read_from(r: &mut impl Read) -> Result<StreamHeader, StreamError> {
+        let mut len = [0u8; 2];
+        r.read_exact(&mut len)?;
+        let len = usize::from(u16::from_be_bytes(len));
+        if len == 0 || len > MAX_HEADER_LEN {
+            return Err(StreamError::Malformed(format!("header length {len}")));
+        }
+        let mut buf = vec![0u8; len];
+        r.read_exact(&mut buf)?;
+        let text = String::from_utf8(buf)
+            .map_err(|_| StreamError::Malformed("header is not UTF-8".into()))?;
+        StreamHeader::parse(&text)
+    }
+
+    fn parse(text: &str) -> Result<StreamHeader, StreamError> {
+        let words: Vec<&str> = text.split(' ').collect();
+        let [magic, kind, container_id, exec_id] = words[..] else {
+            return Err(StreamError::Malformed(format!(
+                "expected 4 words, got {}",
+                words.len()
+            )));
+        };
+        if magic != STREAM_MAGIC {
+            return Err(StreamError::Malformed(format!(
+                "unknown protocol word {magic:?}"
+            )));
+        }
+        let kind = StreamKind::parse(kind)
+            .ok_or_else(|| StreamError::Malformed(format!("unknown stream kind {kind:?}")))?;
+        let exec_id = if exec_id == "-" { "" } else { exec_id };
+        if !is_valid_id(container_id) || !is_valid_exec_id(exec_id) {
+            return Err(StreamError::InvalidId);
+        }
+        Ok(StreamHeader::new(container_id, exec_id, kind))
+    }
+
+    /// Host side: sends this header on a fresh connection and waits for the
+    /// agent's answer. On `Ok` the stream is ready for data.
+    pub fn attach<S: Read + Write>(&self, stream: &mut S) -> Result<(), StreamError> {
+        stream.write_all(&self.encode()?)?;
+        let reply = crate::vsock::read_line(stream, MAX_REPLY_LEN)?;
+        match reply.strip_prefix("ERR ") {
+            None if reply == "OK" => Ok(()),
+            None => Err(StreamError::Malformed(format!(
+                "unexpected reply {reply:?}"
+            ))),
+            Some(reason) => Err(StreamError::Refused(reason.to_owned())),
+        }
+    }
+}
+
+/// Agent side: answers a stream header, in one write.
+pub fn write_reply(w: &mut impl Write, result: Result<(), &str>) -> io::Result<()> {
+    match result {
+        Ok(()) => w.write_all(b"OK\n"),
+        Err(reason) => {
+            // A newline in the reason would end the reply early.
+            let reason = reason.replace('\n', " ");
+            w.write_all(format!("ERR {reason}\n").as_bytes())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn header_round_trip() {
+        for (exec, kind) in [
+            ("", StreamKind::Stdout),
+            ("exec-1", StreamKind::Pty),
+            ("e.2_x", StreamKind::Stdin),
+            ("z", StreamKind::Stderr),
+        ] {
+            let h = StreamHeader::new("ctr1", exec, kind);
+            let bytes = h.encode().unwrap();
+            let back = StreamHeader::read_from(&mut &bytes[..]).unwrap();
+            assert_eq!(back, h);
+        }
+    }
+
+    #[test]
+    fn malformed_headers_are_refused() {
+        let cases: Vec<Vec<u8>> = vec![
+            vec![0, 0],
+            vec![0xff, 0xff],
+            b"\x00\x05hello".to_vec(),
+            b"\x00\x1bMOAT-STDIO/1 stdout ../x -".to_vec(),
+            b"\x00\x1bMOAT-STDIO/1 stdwhat ctr -".to_vec(),
+            b"\x00\x1bMOAT-STDIO/9 stdout ctr1 -".to_vec(),
+        ];
+        for c in cases {
+            assert!(StreamHeader::read_from(&mut &c[..]).is_err(), "{c:?}");
+        }
+        assert!(StreamHeader::new("..", "", StreamKind::Stdin)
+            .encode()
+            .is_err());
+    }
+
+    #[test]
+    fn attach_reads_reply_and_leaves_data() {
+        let (mut host, mut agent) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let h = StreamHeader::read_from(&mut agent).unwrap();
+            write_reply(&mut agent, Ok(())).unwrap();
+            agent.write_all(b"data").unwrap();
+            h
+        });
+        StreamHeader::new("c", "", StreamKind::Stdout)
+            .attach(&mut host)
+            .unwrap();
+        let mut rest = String::new();
+        host.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "data");
+        assert_eq!(t.join().unwrap().kind, StreamKind::Stdout);
+    }
+
+    #[test]
+    fn refusal_carries_reason() {
+        let (mut host, mut agent) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            StreamHeader::read_from(&mut agent).unwrap();
+            write_reply(&mut agent, Err("no such\ncontainer")).unwrap();
+        });
+        let err = StreamHeader::new("c", "e", StreamKind::Stdin)
+            .attach(&mut host)
+            .unwrap_err();
+        t.join().unwrap();
+        assert!(matches!(err, StreamError::Refused(ref r) if r == "no such container"));
+    }
+}

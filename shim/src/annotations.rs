@@ -1,0 +1,224 @@
+//! VM sizing from the container's annotations.
+//!
+//! Precedence: moat's own `io.moat.vcpus` / `io.moat.memory_mib` win; else
+//! the pod's resources that containerd's CRI passes (`io.kubernetes.cri.*`)
+//! are added on top of the configured base size (the guest kernel and agent
+//! need that base themselves); else the configured size.
+
+use std::collections::HashMap;
+
+use thiserror::Error;
+
+use crate::config::Config;
+
+pub const VCPUS: &str = "io.moat.vcpus";
+pub const MEMORY_MIB: &str = "io.moat.memory_mib";
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+pub const MAX_VCPUS: u32 = 254;
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// Upper bound on guest memory, so a typo cannot ask for a terabyte.
+pub const MAX_MEMORY_MIB: u32 = 1 << 20;
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("invalid annotation {key}={value:?}: {reason}")]
+pub struct AnnotationError {
+    pub key: String,
+    pub value: String,
+    pub reason: String,
+}
+
+/// The guest's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmSize {
+    pub vcpus: u32,
+    pub memory_mib: u32,
+}
+
+fn bad(key: &str, value: &str, reason: impl Into<String>) -> AnnotationError {
+    AnnotationError {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_u64(a: &HashMap<String, String>, key: &str) -> Result<Option<u64>, AnnotationError> {
+    let Some(v) = a.get(key) else { return Ok(None) };
+    v.trim()
+        .parse::<u64>()
+        .map(Some)
+        .map_err(|_| bad(key, v, "expected a non-negative integer"))
+}
+
+/// CRI writes -1 or 0 for "no limit"; anything else must be an integer.
+fn parse_limit(a: &HashMap<String, String>, key: &str) -> Result<Option<u64>, AnnotationError> {
+    let Some(v) = a.get(key) else { return Ok(None) };
+    let n = v
+        .trim()
+        .parse::<i64>()
+        .map_err(|_| bad(key, v, "expected an integer"))?;
+    match n {
+        ..=-2 => Err(bad(
+            key,
+            v,
+            "expected -1 (unlimited) or a non-negative integer",
+        )),
+        -1 | 0 => Ok(None),
+        n => Ok(Some(n as u64)),
+    }
+}
+
+/// Computes the VM size for a sandbox whose first container carries `a`.
+pub fn vm_size(cfg: &Config, a: &HashMap<String, String>) -> Result<VmSize, AnnotationError> {
+    let mut size = VmSize {
+        vcpus: cfg.vcpus,
+        memory_mib: cfg.memory_mib,
+    };
+
+    if let Some(bytes) = parse_limit(a, SANDBOX_MEMORY)? {
+        let extra = bytes.div_ceil(MIB);
+        size.memory_mib = u32::try_from(u64::from(size.memory_mib) + extra)
+            .ok()
+            .filter(|m| *m <= MAX_MEMORY_MIB)
+            .ok_or_else(|| {
+                bad(
+                    SANDBOX_MEMORY,
+                    &a[SANDBOX_MEMORY],
+                    "memory limit is too large",
+                )
+            })?;
+    }
+    let quota = parse_limit(a, SANDBOX_CPU_QUOTA)?;
+    let period = parse_limit(a, SANDBOX_CPU_PERIOD)?;
+    if let Some(quota) = quota {
+        let period = period.unwrap_or(100_000);
+        let extra = u32::try_from(quota.div_ceil(period)).unwrap_or(u32::MAX);
+        size.vcpus = size.vcpus.saturating_add(extra).min(MAX_VCPUS);
+    }
+
+    if let Some(v) = parse_u64(a, VCPUS)? {
+        if v == 0 || v > u64::from(MAX_VCPUS) {
+            return Err(bad(VCPUS, &a[VCPUS], format!("expected 1 to {MAX_VCPUS}")));
+        }
+        size.vcpus = v as u32;
+    }
+    if let Some(v) = parse_u64(a, MEMORY_MIB)? {
+        if v < u64::from(MIN_MEMORY_MIB) || v > u64::from(MAX_MEMORY_MIB) {
+            return Err(bad(
+                MEMORY_MIB,
+                &a[MEMORY_MIB],
+                format!("expected {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB"),
+            ));
+        }
+        size.memory_mib = v as u32;
+    }
+    Ok(size)
+}
+
+/// Checks every `io.moat.*` annotation, so a misspelt one is not silently ignored.
+pub fn check_known(a: &HashMap<String, String>) -> Result<(), AnnotationError> {
+    for (k, v) in a {
+        if k.starts_with("io.moat.") && k != VCPUS && k != MEMORY_MIB {
+            return Err(bad(
+                k,
+                v,
+                format!("unknown moat annotation (known: {VCPUS}, {MEMORY_MIB})"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The pod a container belongs to: CRI's sandbox id, else the container itself.
+pub fn grouping(a: &HashMap<String, String>, container_id: &str) -> String {
+    match a.get(SANDBOX_ID) {
+        Some(s) if !s.is_empty() => s.clone(),
+        _ => container_id.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn size(kv: &[(&str, &str)]) -> Result<VmSize, AnnotationError> {
+        vm_size(&Config::default(), &ann(kv))
+    }
+
+    #[test]
+    fn defaults_without_annotations() {
+        assert_eq!(
+            size(&[]).unwrap(),
+            VmSize {
+                vcpus: 1,
+                memory_mib: 256
+            }
+        );
+    }
+
+    #[test]
+    fn moat_annotations_override() {
+        let s = size(&[(VCPUS, "2"), (MEMORY_MIB, "1024")]).unwrap();
+        assert_eq!((s.vcpus, s.memory_mib), (2, 1024));
+    }
+
+    #[test]
+    fn cri_resources_add_to_the_base() {
+        let s = size(&[
+            (SANDBOX_MEMORY, "134217728"),
+            (SANDBOX_CPU_QUOTA, "150000"),
+            (SANDBOX_CPU_PERIOD, "100000"),
+        ])
+        .unwrap();
+        assert_eq!((s.vcpus, s.memory_mib), (3, 256 + 128));
+        // Unlimited values leave the base alone.
+        let s = size(&[(SANDBOX_MEMORY, "0"), (SANDBOX_CPU_QUOTA, "-1")]).unwrap();
+        assert_eq!((s.vcpus, s.memory_mib), (1, 256));
+        // moat's own annotations still win.
+        let s = size(&[(SANDBOX_MEMORY, "134217728"), (MEMORY_MIB, "300")]).unwrap();
+        assert_eq!(s.memory_mib, 300);
+    }
+
+    #[test]
+    fn invalid_values_name_key_and_value() {
+        for (k, v) in [
+            (VCPUS, "two"),
+            (VCPUS, "0"),
+            (VCPUS, "1000"),
+            (MEMORY_MIB, "12"),
+            (MEMORY_MIB, "-5"),
+            (SANDBOX_MEMORY, "lots"),
+            (SANDBOX_CPU_QUOTA, "-7"),
+        ] {
+            let e = size(&[(k, v)]).unwrap_err();
+            assert_eq!((e.key.as_str(), e.value.as_str()), (k, v));
+            let msg = e.to_string();
+            assert!(msg.contains(k) && msg.contains(v), "{msg}");
+        }
+    }
+
+    #[test]
+    fn unknown_moat_annotation_is_refused() {
+        let e = check_known(&ann(&[("io.moat.vcpu", "2")])).unwrap_err();
+        assert!(e.to_string().contains("unknown moat annotation"), "{e}");
+        check_known(&ann(&[(VCPUS, "2"), ("other.thing", "x")])).unwrap();
+    }
+
+    #[test]
+    fn grouping_uses_the_sandbox_id() {
+        assert_eq!(grouping(&ann(&[(SANDBOX_ID, "pod1")]), "c1"), "pod1");
+        assert_eq!(grouping(&ann(&[]), "c1"), "c1");
+    }
+}

@@ -1,0 +1,253 @@
+//! moat's host configuration: `/etc/moat/config.toml`, every field optional,
+//! with compiled-in defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Where the configuration is read from unless `MOAT_CONFIG` names another file.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/moat/config.toml";
+/// Environment variable that overrides [`DEFAULT_CONFIG_PATH`] (tests, private setups).
+pub const CONFIG_ENV: &str = "MOAT_CONFIG";
+
+const DEFAULT_KERNEL: &str = "/var/lib/moat/vmlinux";
+const DEFAULT_INITRAMFS: &str = "/var/lib/moat/initramfs.cpio";
+const DEFAULT_VMM: &str = "/usr/local/bin/moat-vmm";
+const VMM_NAME: &str = "moat-vmm";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration in {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// How a container's writable layer is provided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpperKind {
+    /// A sparse ext4 image on the host, attached as a block device.
+    Ext4,
+    /// A tmpfs inside the guest (lost with the VM, counts against guest memory).
+    Tmpfs,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Guest kernel (uncompressed vmlinux or bzImage).
+    pub kernel: PathBuf,
+    /// Guest initramfs (uncompressed newc cpio) with moat-agent as /init.
+    pub initramfs: PathBuf,
+    /// The moat-vmm binary. Default: /usr/local/bin/moat-vmm, else next to the shim.
+    pub vmm: Option<PathBuf>,
+    /// Default guest size, before annotations.
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Extra guest kernel command line.
+    pub kernel_cmdline: String,
+    /// How long a VM may take to boot until its agent answers.
+    pub boot_timeout_secs: u64,
+    /// How long one call to the guest agent (create, start, exec, kill,
+    /// stats, ...) may take. Mounting a rootfs takes a minute or more where
+    /// the guest kernel runs in an emulator (PVM hosts).
+    pub agent_timeout_secs: u64,
+    /// State directories (`<state_dir>/<sandbox-id>/`).
+    pub state_dir: PathBuf,
+    /// Cache of read-only layer images.
+    pub layer_cache_dir: PathBuf,
+    pub upper: UpperKind,
+    /// Apparent size of each sparse ext4 upper image.
+    pub upper_size_mib: u64,
+    /// Empty block slots each pod VM (CRI sandbox) gets for its later
+    /// containers (virtio-mmio has no hotplug); plain containers get none.
+    pub spare_block_slots: u32,
+    /// Whether moat-vmm installs its seccomp filters.
+    pub seccomp: bool,
+    /// Guest vsock port of the agent.
+    pub agent_port: u32,
+    /// Whether each moat-vmm runs as a user of its own, in network, IPC and
+    /// UTS namespaces of its own (moat-vmm's `jail`).
+    pub jail: bool,
+    /// The VMs' shared group; their users are the 65536 ids above it. The
+    /// default lies above the ranges that subuid files, systemd and
+    /// systemd-nspawn hand out.
+    pub jail_id_base: u32,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            kernel: PathBuf::from(DEFAULT_KERNEL),
+            initramfs: PathBuf::from(DEFAULT_INITRAMFS),
+            vmm: None,
+            vcpus: 1,
+            memory_mib: 256,
+            kernel_cmdline: String::new(),
+            // Guest boots take 20-30 s on PVM hosts; leave ample room.
+            boot_timeout_secs: 120,
+            agent_timeout_secs: 300,
+            state_dir: PathBuf::from("/run/moat"),
+            layer_cache_dir: PathBuf::from("/var/lib/moat/layers"),
+            upper: UpperKind::Ext4,
+            upper_size_mib: 4096,
+            spare_block_slots: 8,
+            seccomp: true,
+            agent_port: moat_protocol::DEFAULT_AGENT_PORT,
+            jail: true,
+            jail_id_base: 0x7000_0000,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `MOAT_CONFIG` or [`DEFAULT_CONFIG_PATH`]; a missing default file means defaults.
+    pub fn load() -> Result<Config, ConfigError> {
+        match std::env::var_os(CONFIG_ENV) {
+            Some(p) => Config::from_file(Path::new(&p)),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                Config::from_file(Path::new(DEFAULT_CONFIG_PATH))
+            }
+            None => Ok(Config::default()),
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let invalid = |reason: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            reason: reason.to_owned(),
+        };
+        if cfg.vcpus == 0 || cfg.vcpus > crate::annotations::MAX_VCPUS {
+            return Err(invalid("vcpus must be between 1 and 254"));
+        }
+        if cfg.memory_mib < crate::annotations::MIN_MEMORY_MIB {
+            return Err(invalid("memory_mib must be at least 64"));
+        }
+        if cfg.boot_timeout_secs == 0 {
+            return Err(invalid("boot_timeout_secs must be positive"));
+        }
+        if cfg.agent_timeout_secs == 0 {
+            return Err(invalid("agent_timeout_secs must be positive"));
+        }
+        if cfg.jail_id_base == 0 || cfg.jail_id_base > u32::MAX - crate::sandbox::jail::JAIL_IDS - 1
+        {
+            return Err(invalid(
+                "jail_id_base must be above 0 and leave room for 65536 ids below 2^32-1",
+            ));
+        }
+        // Sockets live in the state directory and must fit sun_path.
+        if cfg.state_dir.as_os_str().len() > 30 {
+            return Err(invalid(
+                "state_dir must be at most 30 bytes long, so socket paths stay under 108 bytes",
+            ));
+        }
+        Ok(cfg)
+    }
+
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_secs(self.boot_timeout_secs)
+    }
+
+    /// The deadline of one guest agent call.
+    pub fn agent_timeout(&self) -> Duration {
+        Duration::from_secs(self.agent_timeout_secs)
+    }
+
+    /// The moat-vmm binary: configured, else /usr/local/bin, else next to this shim.
+    pub fn vmm_path(&self) -> PathBuf {
+        if let Some(p) = &self.vmm {
+            return p.clone();
+        }
+        if Path::new(DEFAULT_VMM).exists() {
+            return PathBuf::from(DEFAULT_VMM);
+        }
+        if let Some(beside) = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join(VMM_NAME)))
+            .filter(|p| p.exists())
+        {
+            return beside;
+        }
+        PathBuf::from(DEFAULT_VMM)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/moat/config.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.kernel, PathBuf::from(DEFAULT_KERNEL));
+        assert_eq!(c.initramfs, PathBuf::from(DEFAULT_INITRAMFS));
+        assert_eq!(c.boot_timeout(), Duration::from_secs(120));
+        assert_eq!(c.upper, UpperKind::Ext4);
+        assert_eq!(c.state_dir, PathBuf::from("/run/moat"));
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c = parse(
+            "kernel = \"/k\"\ninitramfs = \"/i\"\nvmm = \"/v\"\nvcpus = 2\nmemory_mib = 512\n\
+             boot_timeout_secs = 30\nagent_timeout_secs = 45\nupper = \"tmpfs\"\nspare_block_slots = 3\n",
+        )
+        .unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.vmm_path(), PathBuf::from("/v"));
+        assert_eq!((c.vcpus, c.memory_mib), (2, 512));
+        assert_eq!(c.upper, UpperKind::Tmpfs);
+        assert_eq!(c.spare_block_slots, 3);
+        assert_eq!(c.agent_timeout(), Duration::from_secs(45));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_with_the_path() {
+        let e = parse("kernal = \"/k\"").unwrap_err().to_string();
+        assert!(
+            e.contains("/etc/moat/config.toml") && e.contains("kernal"),
+            "{e}"
+        );
+        let e = parse("agent_timeout_secs = 0").unwrap_err().to_string();
+        assert!(e.contains("agent_timeout_secs"), "{e}");
+        let e = parse("vcpus = 0").unwrap_err().to_string();
+        assert!(e.contains("vcpus"), "{e}");
+        let e = parse("memory_mib = 16").unwrap_err().to_string();
+        assert!(e.contains("memory_mib"), "{e}");
+        let e = parse("jail_id_base = 4294967000").unwrap_err().to_string();
+        assert!(e.contains("jail_id_base"), "{e}");
+        let e = parse("upper = \"zfs\"").unwrap_err().to_string();
+        assert!(e.contains("zfs"), "{e}");
+        let e = parse("state_dir = \"/a/very/long/state/directory/path/that/is/too/long\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("108"), "{e}");
+    }
+}

@@ -1,0 +1,600 @@
+//! A sandbox is one microVM (one pod): its state directory, the moat-vmm
+//! process, the agent connection and the VM's block slots.
+
+pub mod jail;
+pub mod vmm;
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use moat_protocol::{AgentClient, ClientError, Connector};
+use thiserror::Error;
+
+use crate::annotations::VmSize;
+use crate::config::Config;
+use crate::network::{NetworkError, PodNetwork};
+use crate::rootfs::cache::fnv1a;
+use crate::rootfs::Disk;
+use jail::JailIds;
+use vmm::{BlockJson, JailJson, NetJson, SerialJson, VmJson, Vmm, VsockJson};
+
+const VMM_PID_FILE: &str = "vmm.pid";
+
+/// virtio-mmio devices are limited (19 IRQs); vsock and rng take two.
+pub const MAX_BLOCK_SLOTS: usize = 16;
+
+#[derive(Debug, Error)]
+pub enum SandboxError {
+    #[error("{what} not found at {}", path.display())]
+    Missing { what: &'static str, path: PathBuf },
+    #[error("failed to {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("VMM API error: {0}")]
+    Api(String),
+    #[error("moat-vmm exited during boot ({status}); vmm log: {log}; console: {console}")]
+    VmmExited {
+        status: String,
+        log: String,
+        console: String,
+    },
+    #[error("the guest agent did not answer within {timeout:?} (last error: {last}); console: {console}")]
+    BootTimeout {
+        timeout: Duration,
+        last: String,
+        console: String,
+    },
+    #[error(transparent)]
+    Agent(#[from] ClientError),
+    #[error("no free block slot in the VM for another disk (at most {MAX_BLOCK_SLOTS})")]
+    NoBlockSlot,
+    #[error("pod network: {0}")]
+    Network(#[from] NetworkError),
+}
+
+/// The state directory of a sandbox: `<state_dir>/<id>`, with long ids
+/// shortened so that socket paths stay well under 108 bytes.
+pub fn sandbox_dir(cfg: &Config, id: &str) -> PathBuf {
+    let name = if id.len() <= 64 && moat_protocol::ids::is_valid_id(id) {
+        id.to_owned()
+    } else {
+        let keep: String = id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(40)
+            .collect();
+        format!("{keep}-{:016x}", fnv1a(id.as_bytes()))
+    };
+    cfg.state_dir.join(name)
+}
+
+/// The last `max` bytes of a log file, for error messages.
+pub fn tail(path: &Path, max: u64) -> String {
+    let Ok(mut f) = fs::File::open(path) else {
+        return format!("({} is missing)", path.display());
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).trim().replace('\n', " | ");
+    if text.is_empty() {
+        "(empty)".into()
+    } else {
+        text
+    }
+}
+
+struct Slot {
+    id: String,
+    path: Option<PathBuf>,
+    users: usize,
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxError {
+    let what = what.into();
+    move |source| SandboxError::Io { what, source }
+}
+
+/// What a boot that fails half-way must undo: the VM it started and the
+/// pod network it joined.
+struct UndoBoot {
+    vmm: Option<Vmm>,
+    network: Option<PodNetwork>,
+}
+
+impl UndoBoot {
+    /// The boot worked: hands over what it built, undoing nothing.
+    fn disarm(mut self) -> (Vmm, Option<PodNetwork>) {
+        let vmm = self.vmm.take().expect("a booted sandbox has a VMM");
+        (vmm, self.network.take())
+    }
+}
+
+impl Drop for UndoBoot {
+    fn drop(&mut self) {
+        if let Some(vmm) = &self.vmm {
+            vmm.kill();
+        }
+        if let Some(n) = &self.network {
+            n.teardown();
+        }
+    }
+}
+
+/// A booted VM with a connected agent.
+pub struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    vmm: Vmm,
+    agent: AgentClient,
+    slots: Mutex<Vec<Slot>>,
+    network: Option<PodNetwork>,
+    /// The VM's user, when moat-vmm runs jailed.
+    jail: Option<JailIds>,
+    layer_cache: PathBuf,
+}
+
+impl Sandbox {
+    /// Boots a VM sized `size` whose first disks are `disks`, with the pod's
+    /// `network` (its taps and addresses), and waits for its agent.
+    /// On error nothing is left running, the network is torn down, and the
+    /// caller removes `dir`.
+    pub fn boot(
+        cfg: &Config,
+        id: &str,
+        dir: &Path,
+        size: VmSize,
+        disks: &[Disk],
+        spare_slots: usize,
+        network: Option<PodNetwork>,
+    ) -> Result<Sandbox, SandboxError> {
+        let mut undo = UndoBoot { vmm: None, network };
+        let network = undo.network.as_ref();
+        for (what, path) in [
+            (
+                "guest kernel (set `kernel` in /etc/moat/config.toml)",
+                &cfg.kernel,
+            ),
+            (
+                "guest initramfs (set `initramfs` in /etc/moat/config.toml)",
+                &cfg.initramfs,
+            ),
+        ] {
+            if !path.exists() {
+                return Err(SandboxError::Missing {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        let vmm_bin = cfg.vmm_path();
+        if !vmm_bin.exists() {
+            return Err(SandboxError::Missing {
+                what: "moat-vmm binary",
+                path: vmm_bin,
+            });
+        }
+        let taps = network.map(PodNetwork::taps).unwrap_or_default();
+        // Each interface takes an interrupt a block slot would have had.
+        let max_slots = MAX_BLOCK_SLOTS - taps.len();
+        if disks.len() > max_slots {
+            return Err(SandboxError::NoBlockSlot);
+        }
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_error(format!("create {}", dir.display())))?;
+
+        let jail = if cfg.jail {
+            let ids = jail::claim(&cfg.state_dir, dir, cfg.jail_id_base)
+                .map_err(io_error("claim a user for the VM"))?;
+            // The jailed VMM opens later containers' disks below this
+            // directory by path (`attach`); the first ones it opens while
+            // still root.
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o711))
+                .map_err(io_error(format!("open {} to the VM's user", dir.display())))?;
+            Some(ids)
+        } else {
+            None
+        };
+        // For `shim delete` after this shim died: what to undo in the netns.
+        if let Some(n) = network {
+            n.record(dir).map_err(io_error("record the pod network"))?;
+        }
+        let spares = spare_slots.min(max_slots - disks.len());
+        let mut slots = Vec::new();
+        let mut block = Vec::new();
+        for i in 0..disks.len() + spares {
+            let id = format!("b{i}");
+            let disk = disks.get(i);
+            block.push(BlockJson {
+                id: id.clone(),
+                path: disk.map(|d| d.path.clone()),
+                read_only: disk.is_some_and(|d| d.read_only),
+                serial: id.clone(),
+            });
+            slots.push(Slot {
+                id,
+                path: disk.map(|d| d.path.clone()),
+                users: usize::from(disk.is_some()),
+            });
+        }
+        let vsock = dir.join("vsock.sock");
+        let api = dir.join("api.sock");
+        let mut cmdline = format!("moat.port={}", cfg.agent_port);
+        if !cfg.kernel_cmdline.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&cfg.kernel_cmdline);
+        }
+        let json = VmJson {
+            kernel: cfg.kernel.clone(),
+            initramfs: cfg.initramfs.clone(),
+            cmdline,
+            vcpus: size.vcpus,
+            memory_mib: size.memory_mib,
+            serial: SerialJson::File(dir.join("console.log")),
+            block,
+            net: taps
+                .iter()
+                .enumerate()
+                .map(|(i, (fd, mac))| NetJson {
+                    id: format!("net{i}"),
+                    tap_fd: *fd,
+                    mac: mac.clone(),
+                })
+                .collect(),
+            vsock: VsockJson {
+                guest_cid: 3,
+                uds_path: vsock.clone(),
+            },
+            rng: true,
+            api_socket: api,
+            seccomp: cfg.seccomp,
+            // The VMM may open nothing later but the disks of this sandbox
+            // and the shared layer images.
+            jail: jail.map(|ids| JailJson {
+                ids,
+                read_write: vec![dir.to_owned()],
+                read_only: vec![cfg.layer_cache_dir.clone()],
+            }),
+        };
+        let vmm = undo.vmm.insert(Vmm::spawn(
+            &vmm_bin,
+            &json,
+            &dir.join("vm.json"),
+            &dir.join("vmm.log"),
+            taps.iter().map(|(fd, _)| *fd).collect(),
+        )?);
+        log::info!("sandbox {id}: moat-vmm pid {} booting", vmm.pid());
+        // For `shim delete` after this shim died: it finds the VM by this file.
+        let pid_file = dir.join(VMM_PID_FILE);
+        fs::write(&pid_file, vmm.pid().to_string())
+            .map_err(io_error(format!("write {}", pid_file.display())))?;
+        let agent = connect_agent(cfg, dir, &vsock, vmm)?;
+        if let Some(n) = network.filter(|n| !n.request.interfaces.is_empty()) {
+            agent
+                .set_network(agent.ctx_timeout(cfg.agent_timeout()), &n.request)
+                .map_err(|e| SandboxError::Api(format!("SetNetwork: {e}")))?;
+        }
+        let booted = match vmm.boot_time() {
+            Some(t) => format!("booted in {} ms (boot timer)", t.as_millis()),
+            None => "boot timer not written".into(),
+        };
+        log::info!(
+            "sandbox {id}: agent {} on kernel {} is up; {booted}",
+            agent.agent_version().agent_version,
+            agent.agent_version().kernel
+        );
+        let (vmm, mut network) = undo.disarm();
+        if let Some(n) = &mut network {
+            n.release_taps();
+        }
+        Ok(Sandbox {
+            id: id.to_owned(),
+            dir: dir.to_owned(),
+            vmm,
+            agent,
+            slots: Mutex::new(slots),
+            network,
+            jail,
+            layer_cache: cfg.layer_cache_dir.clone(),
+        })
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// Whether moat-vmm is gone (crashed, or the guest powered off).
+    pub fn vmm_exited(&self) -> bool {
+        self.vmm.exited().is_some()
+    }
+
+    /// Gives `disks` block slots (reusing a slot that already has the same
+    /// file) and returns their serials, in order.
+    pub fn attach(&self, disks: &[Disk]) -> Result<Vec<String>, SandboxError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut serials = Vec::new();
+        for d in disks {
+            if let Some(s) = slots
+                .iter_mut()
+                .find(|s| s.path.as_deref() == Some(&d.path) && d.read_only)
+            {
+                s.users += 1;
+                serials.push(s.id.clone());
+                continue;
+            }
+            let Some(s) = slots.iter_mut().find(|s| s.users == 0) else {
+                self.release_locked(&mut slots, &serials);
+                return Err(SandboxError::NoBlockSlot);
+            };
+            if let Some(ids) = self.jail {
+                if let Err(e) = jail::grant(&d.path, ids, &self.dir, &self.layer_cache) {
+                    self.release_locked(&mut slots, &serials);
+                    return Err(io_error(format!("give the VM's user {}", d.path.display()))(e));
+                }
+            }
+            let body = serde_json::json!({"path": d.path, "read_only": d.read_only}).to_string();
+            match self.vmm.api("PUT", &format!("/block/{}", s.id), &body) {
+                Ok((200..=299, _)) => {}
+                Ok((code, body)) => {
+                    let e = SandboxError::Api(format!("fill block slot {}: {code} {body}", s.id));
+                    self.release_locked(&mut slots, &serials);
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.release_locked(&mut slots, &serials);
+                    return Err(e);
+                }
+            }
+            s.path = Some(d.path.clone());
+            s.users = 1;
+            serials.push(s.id.clone());
+        }
+        Ok(serials)
+    }
+
+    /// Serials of the slots that already hold `disks` (the first container's).
+    pub fn serials_of(&self, disks: &[Disk]) -> Vec<String> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        disks
+            .iter()
+            .filter_map(|d| {
+                slots
+                    .iter()
+                    .find(|s| s.path.as_deref() == Some(&d.path))
+                    .map(|s| s.id.clone())
+            })
+            .collect()
+    }
+
+    /// Returns the slots of a removed container's disks.
+    pub fn release(&self, serials: &[String]) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        self.release_locked(&mut slots, serials);
+    }
+
+    fn release_locked(&self, slots: &mut [Slot], serials: &[String]) {
+        for id in serials {
+            if let Some(s) = slots.iter_mut().find(|s| &s.id == id) {
+                s.users = s.users.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Powers the VM off: the agent's Shutdown, then the VMM API, then
+    /// SIGKILL. moat-vmm is always reaped.
+    pub fn stop(&self) {
+        if self.vmm.exited().is_none() {
+            if let Err(e) = self.agent.shutdown(
+                self.agent.ctx_timeout(Duration::from_secs(5)),
+                &Default::default(),
+            ) {
+                log::debug!("sandbox {}: agent shutdown: {e}", self.id);
+            }
+        }
+        self.vmm.stop(Duration::from_secs(5));
+        if let Some(n) = &self.network {
+            n.teardown();
+        }
+        log::info!("sandbox {}: VM stopped", self.id);
+    }
+}
+
+/// Cleans up after a shim that died (`shim delete`): removes the container's
+/// files and, when no other container of the pod is left, kills the VM
+/// (verified by its command line) and removes the state directory.
+pub fn cleanup_dead(cfg: &Config, grouping: &str, container_id: &str) {
+    let dir = sandbox_dir(cfg, grouping);
+    let containers = dir.join("containers");
+    let _ = fs::remove_dir_all(containers.join(container_id));
+    let others = fs::read_dir(&containers).is_ok_and(|mut d| d.next().is_some());
+    if others {
+        return;
+    }
+    if let Ok(pid) = fs::read_to_string(dir.join(VMM_PID_FILE)) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let config = dir.join("vm.json");
+            let ours = String::from_utf8_lossy(&cmdline).contains(&*config.to_string_lossy());
+            if ours {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                // Not our child: whoever inherited it reaps it; wait until it is gone.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+    crate::network::teardown_recorded(&dir);
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// Connects to the agent, retrying while the guest boots.
+fn connect_agent(
+    cfg: &Config,
+    dir: &Path,
+    vsock: &Path,
+    vmm: &Vmm,
+) -> Result<AgentClient, SandboxError> {
+    let timeout = cfg.boot_timeout();
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("not tried");
+    loop {
+        if let Some(status) = vmm.exited() {
+            return Err(SandboxError::VmmExited {
+                status: status.to_string(),
+                log: tail(&dir.join("vmm.log"), 1500),
+                console: tail(&dir.join("console.log"), 1500),
+            });
+        }
+        if vsock.exists() {
+            match AgentClient::connect(Connector::hybrid_vsock(vsock), cfg.agent_port) {
+                Ok(mut c) => {
+                    c.set_default_timeout(None);
+                    return Ok(c);
+                }
+                Err(e @ ClientError::Incompatible { .. }) => return Err(e.into()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(SandboxError::BootTimeout {
+                timeout,
+                last,
+                console: tail(&dir.join("console.log"), 1500),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rootfs::testutil::TempDir;
+
+    fn cfg(dir: &Path) -> Config {
+        Config {
+            kernel: dir.join("vmlinux"),
+            initramfs: dir.join("initramfs.cpio"),
+            vmm: Some(dir.join("moat-vmm")),
+            state_dir: dir.join("state"),
+            boot_timeout_secs: 2,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn state_dirs_keep_socket_paths_short() {
+        let c = Config::default();
+        assert_eq!(sandbox_dir(&c, "abc"), PathBuf::from("/run/moat/abc"));
+        let long = "x".repeat(76);
+        let d = sandbox_dir(&c, &long);
+        assert!(d.join("vsock.sock").as_os_str().len() < 100, "{d:?}");
+        assert_ne!(d, sandbox_dir(&c, &"x".repeat(77)));
+        let odd = sandbox_dir(&c, "../evil");
+        assert!(odd.starts_with("/run/moat/") && !odd.to_string_lossy().contains(".."));
+    }
+
+    /// Boots a small VM with 8 spare slots, which must fail.
+    fn boot_failure(c: &Config, id: &str, dir: &Path) -> SandboxError {
+        let size = VmSize {
+            vcpus: 1,
+            memory_mib: 128,
+        };
+        match Sandbox::boot(c, id, dir, size, &[], 8, None) {
+            Ok(_) => panic!("{id} booted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn missing_kernel_is_a_clear_error_and_creates_nothing() {
+        let t = TempDir::new("nokernel");
+        let c = cfg(t.path());
+        let dir = sandbox_dir(&c, "sb1");
+        let e = boot_failure(&c, "sb1", &dir);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("guest kernel") && msg.contains("vmlinux"),
+            "{msg}"
+        );
+        assert!(!dir.exists());
+    }
+
+    /// A "VMM" that exits at once must fail the boot fast, with its log.
+    #[test]
+    fn vmm_dying_during_boot_is_reported_with_its_log() {
+        let t = TempDir::new("vmmdies");
+        let c = cfg(t.path());
+        fs::write(&c.kernel, "k").unwrap();
+        fs::write(&c.initramfs, "i").unwrap();
+        let vmm = c.vmm.clone().unwrap();
+        fs::write(&vmm, "#!/bin/sh\necho 'bad kernel image' >&2\nexit 1\n").unwrap();
+        fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let dir = sandbox_dir(&c, "sb2");
+        let e = boot_failure(&c, "sb2", &dir);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("exited during boot") && msg.contains("bad kernel image"),
+            "{msg}"
+        );
+        // The config was written where the VMM reads it.
+        let json: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join("vm.json")).unwrap()).unwrap();
+        assert_eq!(json["block"].as_array().unwrap().len(), 8);
+    }
+
+    /// A "VMM" that never brings up an agent hits the boot timeout and is killed.
+    #[test]
+    fn boot_timeout_kills_the_vmm() {
+        let t = TempDir::new("timeout");
+        let c = cfg(t.path());
+        fs::write(&c.kernel, "k").unwrap();
+        fs::write(&c.initramfs, "i").unwrap();
+        let vmm = c.vmm.clone().unwrap();
+        let pidfile = t.path().join("pid");
+        fs::write(
+            &vmm,
+            format!(
+                "#!/bin/sh\necho $$ > {}\nexec sleep 600\n",
+                pidfile.display()
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let dir = sandbox_dir(&c, "sb3");
+        let start = Instant::now();
+        let e = Sandbox::boot(
+            &c,
+            "sb3",
+            &dir,
+            VmSize {
+                vcpus: 1,
+                memory_mib: 128,
+            },
+            &[],
+            8,
+            None,
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(e, SandboxError::BootTimeout { .. }), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(30));
+        let pid = fs::read_to_string(&pidfile).unwrap();
+        assert!(!Path::new(&format!("/proc/{}", pid.trim())).exists());
+    }
+}

@@ -1,0 +1,592 @@
+//! Test harness: a private containerd (own root, state and sockets) with
+//! moat's shim on its PATH and a moat config of its own, a locally built
+//! busybox image, and leak checks. Everything is stopped on drop.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, Once};
+use std::time::{Duration, Instant};
+
+pub const RUNTIME: &str = "io.containerd.moat.v1";
+pub const IMAGE: &str = "docker.io/library/busybox:latest";
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// The cargo target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target"))
+}
+
+/// Builds the shim and moat-vmm (debug) once per test process, and returns
+/// the directory holding them.
+pub fn binaries() -> PathBuf {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .current_dir(workspace())
+            .args(["build", "-p", "containerd-shim-moat-v1", "-p", "moat-vmm"])
+            .status()
+            .expect("run cargo build");
+        assert!(st.success(), "building the shim and moat-vmm failed");
+    });
+    target_dir().join("debug")
+}
+
+/// Prints a loud notice that a test did not run, and why.
+pub fn skip(test: &str, why: &str) {
+    let line = "=".repeat(78);
+    eprintln!("\n{line}\nSKIPPED {test}: {why}\n{line}\n");
+}
+
+/// Guest kernel and initramfs for tests that boot VMs: `MOAT_KERNEL` /
+/// `MOAT_INITRAMFS` (scripts/test.sh sets them), else the installed ones.
+pub fn guest_assets() -> Result<(PathBuf, PathBuf), String> {
+    let pick = |env: &str, default: &str| {
+        std::env::var_os(env)
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(default))
+    };
+    let kernel = pick("MOAT_KERNEL", "/var/lib/moat/vmlinux");
+    let initramfs = pick("MOAT_INITRAMFS", "/var/lib/moat/initramfs.cpio");
+    for (what, p) in [("kernel", &kernel), ("initramfs", &initramfs)] {
+        if !p.exists() {
+            return Err(format!(
+                "no guest {what} at {} (set MOAT_KERNEL/MOAT_INITRAMFS or run scripts/install.sh)",
+                p.display()
+            ));
+        }
+    }
+    if !Path::new("/dev/kvm").exists() {
+        return Err("/dev/kvm is missing".into());
+    }
+    Ok((kernel, initramfs))
+}
+
+/// Whether the tools the harness needs are installed.
+pub fn host_tools() -> Result<(), String> {
+    for tool in ["containerd", "ctr", "mkfs.erofs", "mkfs.ext4", "busybox"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
+            .unwrap_or(false);
+        if !found {
+            return Err(format!(
+                "{tool} is not installed (scripts/deps.sh installs it)"
+            ));
+        }
+    }
+    if unsafe_is_root() {
+        Ok(())
+    } else {
+        Err("containerd needs root".into())
+    }
+}
+
+fn unsafe_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A private containerd.
+pub struct Containerd {
+    pub dir: PathBuf,
+    pub sock: PathBuf,
+    /// containerd; `None` once stopped.
+    child: Mutex<Option<Child>>,
+    /// Tun/tap devices of the host's network namespace before the test.
+    taps_before: Vec<String>,
+    /// The pods (shim groupings) the test ran containers in.
+    groupings: Mutex<Vec<String>>,
+}
+
+/// Extra `moat` config lines (TOML) on top of the harness's own.
+pub struct MoatConfig {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// moat-vmm to use; default: the one built from this workspace.
+    pub vmm: Option<PathBuf>,
+    pub extra: String,
+}
+
+/// The last `n` lines of a file, under a header naming it.
+fn last_lines(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "--- {} (last {n} of {} lines) ---\n{}\n",
+        path.display(),
+        lines.len(),
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    )
+}
+
+/// How long one ctr command may take: long enough for a pod's container
+/// that lives through a whole test on a slow emulated guest, short enough
+/// that a hang fails the test while CI still has time to report it.
+pub const CTR_TIMEOUT_SECS: u64 = 900;
+
+impl Containerd {
+    /// Starts containerd in a fresh short directory (socket paths stay short).
+    pub fn start(tag: &str, moat: &MoatConfig) -> Containerd {
+        let bin = binaries();
+        let dir = PathBuf::from(format!("/tmp/mt-{tag}-{}", std::process::id()));
+        let _ = Command::new("umount").arg("-R").arg(&dir).output();
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("c.sock");
+        fs::write(
+            dir.join("config.toml"),
+            format!(
+                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{s}\"\n[ttrpc]\n  address = \"{s}.ttrpc\"\n\
+                 [debug]\n  level = \"debug\"\n",
+                d = dir.display(),
+                s = sock.display()
+            ),
+        )
+        .unwrap();
+        fs::write(
+            dir.join("moat.toml"),
+            format!(
+                "kernel = \"{}\"\ninitramfs = \"{}\"\nvmm = \"{}\"\nstate_dir = \"{}/run\"\n\
+                 layer_cache_dir = \"{}/layers\"\n{}\n",
+                moat.kernel.display(),
+                moat.initramfs.display(),
+                moat.vmm
+                    .clone()
+                    .unwrap_or_else(|| bin.join("moat-vmm"))
+                    .display(),
+                dir.display(),
+                dir.display(),
+                moat.extra
+            ),
+        )
+        .unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = fs::File::create(dir.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .env("PATH", path)
+            .env("MOAT_CONFIG", dir.join("moat.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let c = Containerd {
+            dir,
+            sock,
+            child: Mutex::new(Some(child)),
+            taps_before: taps(),
+            groupings: Mutex::new(Vec::new()),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start: {}",
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+
+    pub fn layer_cache(&self) -> PathBuf {
+        self.dir.join("layers")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// What a failed test needs to say why: the shim's and containerd's
+    /// last log lines and the end of every guest console.
+    pub fn diagnostics(&self) -> String {
+        let mut out = last_lines(&self.dir.join("containerd.log"), 150);
+        for entry in fs::read_dir(self.state_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            out += &last_lines(&entry.path().join("console.log"), 80);
+        }
+        out
+    }
+
+    /// Runs ctr (bounded, so a hung task fails the test instead of hanging it).
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("timeout")
+            .args(["-s", "KILL", &CTR_TIMEOUT_SECS.to_string(), "ctr"])
+            .arg("-a")
+            .arg(&self.sock)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ctr")
+    }
+
+    /// `ctr run --rm` (or other run flags) with the moat runtime.
+    pub fn run(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Output {
+        self.note_grouping(flags, id);
+        let mut args = vec!["run", "--runtime", RUNTIME];
+        args.extend_from_slice(flags);
+        args.push(IMAGE);
+        args.push(id);
+        args.extend_from_slice(cmd);
+        self.ctr(&args)
+    }
+
+    /// Remembers the pod of a container, for the leak check of its shim
+    /// socket: CRI's sandbox id when an annotation names one, else the id.
+    pub fn note_grouping(&self, flags: &[&str], id: &str) {
+        let pod = flags
+            .iter()
+            .find_map(|f| f.strip_prefix(SANDBOX_ID_ANNOTATION))
+            .and_then(|v| v.strip_prefix('='))
+            .unwrap_or(id);
+        let mut g = self.groupings.lock().unwrap_or_else(|e| e.into_inner());
+        if !g.iter().any(|x| x == pod) {
+            g.push(pod.to_owned());
+        }
+    }
+
+    /// The socket the shim daemon of pod `grouping` serves (the path
+    /// containerd-shim's `socket_address` derives from containerd's
+    /// address, the namespace and the grouping).
+    pub fn shim_socket(&self, grouping: &str) -> PathBuf {
+        use sha2::Digest;
+        let key = self.sock.join("default").join(grouping);
+        let digest = sha2::Sha256::digest(key.to_string_lossy().as_bytes());
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        PathBuf::from("/run/containerd/s").join(hex)
+    }
+
+    /// Builds the busybox image from Debian's busybox-static and imports it.
+    pub fn import_busybox(&self) {
+        let tar = self.dir.join("busybox.tar");
+        let out = Command::new(workspace().join("scripts/busybox-image.sh"))
+            .arg(&tar)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = self.ctr(&["images", "import", tar.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// What a finished test must leave: no tasks, nothing under the state
+    /// directory, no shim or moat-vmm process started from this containerd,
+    /// no mount or loop device of its files, no new tap, no shim socket.
+    pub fn assert_no_leaks(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let leaks = self.leaks();
+            if leaks.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "leaked: {leaks:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn leaks(&self) -> Vec<String> {
+        let mut leaks = Vec::new();
+        if let Ok(entries) = fs::read_dir(self.state_dir()) {
+            for e in entries.flatten() {
+                leaks.push(format!("state {}", e.path().display()));
+            }
+        }
+        let tasks = String::from_utf8_lossy(&self.ctr(&["tasks", "ls", "-q"]).stdout).into_owned();
+        for t in tasks.lines().filter(|l| !l.trim().is_empty()) {
+            leaks.push(format!("task {t}"));
+        }
+        let marker = self.dir.to_string_lossy().into_owned();
+        for pid in pids_with_env_or_arg(&marker) {
+            leaks.push(format!("process {pid}"));
+        }
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for m in mounts.lines().filter(|l| l.contains(&marker)) {
+            leaks.push(format!("mount {m}"));
+        }
+        for (dev, file) in loop_devices() {
+            if file.contains(&marker) {
+                leaks.push(format!("loop device {dev} on {file}"));
+            }
+        }
+        for tap in taps() {
+            if !self.taps_before.contains(&tap) {
+                leaks.push(format!("tap {tap}"));
+            }
+        }
+        for g in self
+            .groupings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let s = self.shim_socket(g);
+            if s.exists() {
+                leaks.push(format!("shim socket {} of {g}", s.display()));
+            }
+        }
+        leaks
+    }
+}
+
+/// The annotation that puts containers into one pod (one VM).
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+
+/// Tun/tap devices of this network namespace.
+pub fn taps() -> Vec<String> {
+    let mut found = Vec::new();
+    if let Ok(entries) = fs::read_dir("/sys/class/net") {
+        for e in entries.flatten() {
+            if e.path().join("tun_flags").exists() {
+                found.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Loop devices in use, with their backing files.
+pub fn loop_devices() -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    if let Ok(entries) = fs::read_dir("/sys/block") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Ok(file) = fs::read_to_string(e.path().join("loop/backing_file")) {
+                found.push((name, file.trim().to_owned()));
+            }
+        }
+    }
+    found
+}
+
+/// moat-vmm processes whose command line or environment names `marker`.
+pub fn vmm_pids(marker: &str) -> Vec<String> {
+    pids_with_env_or_arg(marker)
+        .into_iter()
+        .filter(|p| p.contains("moat-vmm"))
+        .collect()
+}
+
+/// Processes (shims, VMMs) whose command line or environment names `marker`,
+/// other than containerd itself and this test.
+pub fn pids_with_env_or_arg(marker: &str) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut found = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for p in procs.flatten() {
+        let name = p.file_name().to_string_lossy().into_owned();
+        if !name.chars().all(|c| c.is_ascii_digit()) || name == me {
+            continue;
+        }
+        let exe = fs::read_link(p.path().join("exe")).unwrap_or_default();
+        let exe = exe.to_string_lossy();
+        if !(exe.contains("containerd-shim-moat") || exe.contains("moat-vmm")) {
+            continue;
+        }
+        let cmdline = fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let environ = fs::read(p.path().join("environ")).unwrap_or_default();
+        let hay = [cmdline, environ].concat();
+        if String::from_utf8_lossy(&hay).contains(marker) {
+            found.push(format!("{name} ({exe})"));
+        }
+    }
+    found
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Stops a shared [`Containerd`] when dropped, also while a failing test
+/// unwinds and threads still hold clones of it.
+pub struct StopOnDrop(pub std::sync::Arc<Containerd>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.0.diagnostics());
+        }
+        self.0.stop();
+    }
+}
+
+impl Containerd {
+    /// Kills and deletes the tasks left by a failed test, stops containerd
+    /// and removes its directory (unless `MOAT_TEST_KEEP` is set). Only the
+    /// first call does anything.
+    pub fn stop(&self) {
+        let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        // Tasks left by a failed test: kill and delete them first.
+        let tasks = String::from_utf8_lossy(&self.ctr(&["tasks", "ls", "-q"]).stdout).into_owned();
+        for t in tasks.lines().filter(|l| !l.trim().is_empty()) {
+            let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", t]);
+            let _ = self.ctr(&["tasks", "delete", "-f", t]);
+        }
+        // SAFETY: signalling our own child by pid.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        // Shims and VMs a failed test left: they serve this containerd only.
+        let marker = self.dir.to_string_lossy().into_owned();
+        for p in pids_with_env_or_arg(&marker) {
+            if let Some(pid) = p.split(' ').next().and_then(|n| n.parse::<i32>().ok()) {
+                // SAFETY: kill(2) on a pid that runs this harness's shim or moat-vmm.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        for g in self
+            .groupings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = fs::remove_file(self.shim_socket(g));
+        }
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg("-l")
+            .arg(&self.dir)
+            .output();
+        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut ours: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter(|m| m.starts_with(&marker))
+            .collect();
+        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in ours {
+            let _ = Command::new("umount").arg("-l").arg(m).output();
+        }
+        if std::env::var_os("MOAT_TEST_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// stdout and stderr of a command, for assertion messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// What CNI's bridge or ptp plugin leaves for a pod: a network namespace
+/// whose `eth0` is one end of a veth, with an address and a default route;
+/// the other end is in this namespace with the gateway address. Removed on
+/// drop (the netns, and with it both veth ends).
+pub struct PodNetns {
+    pub name: String,
+    pub path: PathBuf,
+    pub host_ip: String,
+    pub pod_ip: String,
+}
+
+impl PodNetns {
+    /// `subnet` is the third octet of 10.213.<subnet>.0/24.
+    pub fn create(tag: &str, subnet: u8) -> PodNetns {
+        let name = format!("moat-{tag}-{}", std::process::id());
+        let host_if = format!("mh{}-{subnet}", std::process::id() % 100_000);
+        let n = PodNetns {
+            path: PathBuf::from("/run/netns").join(&name),
+            host_ip: format!("10.213.{subnet}.1"),
+            pod_ip: format!("10.213.{subnet}.2"),
+            name,
+        };
+        let ip = |args: &[&str]| {
+            let o = Command::new("ip").args(args).output().unwrap();
+            assert!(o.status.success(), "ip {args:?}: {}", text(&o));
+        };
+        let ns = n.name.as_str();
+        ip(&["netns", "add", ns]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ]);
+        ip(&["addr", "add", &format!("{}/24", n.host_ip), "dev", &host_if]);
+        ip(&["link", "set", &host_if, "up"]);
+        let pod_cidr = format!("{}/24", n.pod_ip);
+        for args in [
+            vec!["addr", "add", pod_cidr.as_str(), "dev", "eth0"],
+            vec!["link", "set", "eth0", "up"],
+            vec!["link", "set", "lo", "up"],
+            vec!["route", "add", "default", "via", n.host_ip.as_str()],
+        ] {
+            let mut full = vec!["-n", ns];
+            full.extend(args);
+            ip(&full);
+        }
+        n
+    }
+
+    /// Runs a command in the pod's namespace; its output, success or not.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}

@@ -1,0 +1,347 @@
+//! End to end through a private containerd with booted microVMs.
+//!
+//! A guest boot takes 20-130 s on this project's PVM machines and every
+//! container costs a minute of emulated guest kernel (rootfs mounts,
+//! namespaces), so the suite boots two VMs in all, one per test, and the
+//! two tests run in parallel: a plain container in a VM of its own, and a
+//! pod whose VM runs five containers (three of them started at once) and an
+//! exec, on a pod network (a veth in a namespace, as CNI leaves it, joined
+//! to the VM by a tap). Skipped (loudly) only when the guest kernel,
+//! initramfs, /dev/kvm or the host tools are not on the machine.
+
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use moat_tests::*;
+
+fn setup(tag: &str) -> Option<Containerd> {
+    if let Err(why) = host_tools() {
+        skip(tag, &why);
+        return None;
+    }
+    let (kernel, initramfs) = match guest_assets() {
+        Ok(a) => a,
+        Err(why) => {
+            skip(tag, &why);
+            return None;
+        }
+    };
+    let c = Containerd::start(
+        tag,
+        &MoatConfig {
+            kernel,
+            initramfs,
+            vmm: None,
+            // The agent's log on the guest console, for the diagnostics of
+            // a failed test.
+            extra: "boot_timeout_secs = 300\nagent_timeout_secs = 400\n\
+                    kernel_cmdline = \"moat.verbose\""
+                .into(),
+        },
+    );
+    c.import_busybox();
+    Some(c)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Waits until `ctr task ls` shows `id` with `status`.
+fn wait_status(c: &Containerd, id: &str, status: &str) {
+    let deadline = Instant::now() + Duration::from_secs(500);
+    loop {
+        let ls = stdout(&c.ctr(&["tasks", "ls"]));
+        if ls
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(id) && l.contains(status))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never became {status}: {ls}\n{}",
+            c.log()
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `ctr run` in a thread.
+fn run_in_thread(
+    c: &Arc<Containerd>,
+    flags: &[&str],
+    id: &str,
+    cmd: &[&str],
+) -> thread::JoinHandle<Output> {
+    let c = c.clone();
+    let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    let cmd: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+    let id = id.to_owned();
+    thread::spawn(move || {
+        let f: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let a: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        c.run(&f, &id, &a)
+    })
+}
+
+fn elapsed(start: Instant, what: &str) {
+    eprintln!("[{:6.1}s] {what}", start.elapsed().as_secs_f64());
+}
+
+/// A container without a pod: `ctr run --rm` boots a VM of its own (whose
+/// boot time the shim logs from moat-vmm's boot timer), sees a
+/// host directory bind-mounted read-only, and a file changed and one deleted
+/// there on the host, relays stdout and stderr apart and exits with the
+/// container's code; the VM, the shim and every file are gone afterwards.
+#[test]
+fn plain_container_runs_in_its_own_vm() {
+    let Some(c) = setup("e2e-run") else { return };
+    let c = Arc::new(c);
+    let t = Instant::now();
+    // A host directory bind-mounted read-only: copied into the guest, and
+    // a change on the host reaches the running container.
+    let vol = c.dir.join("volume");
+    std::fs::create_dir_all(vol.join("sub")).unwrap();
+    std::fs::write(vol.join("sub/hello.txt"), "from the host\n").unwrap();
+    std::fs::write(vol.join("sub/gone.txt"), "deleted on the host later\n").unwrap();
+    let mount = format!("type=bind,src={},dst=/data,options=rbind:ro", vol.display());
+    let run = run_in_thread(
+        &c,
+        &["--rm", "--mount", &mount],
+        "fail",
+        &[
+            "sh",
+            "-c",
+            "echo out; cat /data/sub/hello.txt; touch /data/x || echo read-only; \
+             i=0; while [ $i -lt 120 ] && ! grep -q v2 /data/sub/hello.txt; do sleep 1; i=$((i+1)); done; \
+             cat /data/sub/hello.txt; \
+             i=0; while [ $i -lt 120 ] && [ -e /data/sub/gone.txt ]; do sleep 1; i=$((i+1)); done; \
+             [ -e /data/sub/gone.txt ] || echo gone; echo err >&2; exit 1",
+        ],
+    );
+    wait_status(&c, "fail", "RUNNING");
+    std::fs::write(vol.join("sub/hello.txt"), "from the host, v2\n").unwrap();
+    std::fs::remove_file(vol.join("sub/gone.txt")).unwrap();
+    let o = run.join().unwrap();
+    elapsed(t, "ctr run --rm fail");
+    assert_eq!(o.status.code(), Some(1), "{}\n{}", text(&o), c.log());
+    // The first read may already see v2 (the change can win the race with
+    // the guest's first `cat`); the last one must: it came by the sync, as
+    // the copy taken at create had the first version.
+    let out = stdout(&o);
+    assert!(
+        out == "out\nfrom the host\nread-only\nfrom the host, v2\ngone\n"
+            || out == "out\nfrom the host, v2\nread-only\nfrom the host, v2\ngone\n",
+        "{}",
+        text(&o)
+    );
+    assert!(stderr(&o).ends_with("err\n"), "{}", text(&o));
+    // The agent wrote moat-vmm's boot timer; the shim logged the time.
+    assert!(
+        c.log().contains("ms (boot timer)"),
+        "no boot time logged:\n{}",
+        c.diagnostics()
+    );
+    // The busybox layer was converted once into the layer cache.
+    let images = std::fs::read_dir(c.layer_cache()).unwrap().count();
+    assert!(
+        images >= 1,
+        "no layer image in {}",
+        c.layer_cache().display()
+    );
+    c.assert_no_leaks();
+    elapsed(t, "no leaks");
+}
+
+/// One pod, one VM (its moat-vmm jailed as a user of its own): a
+/// long-running container on the pod's network (pings both ways), then
+/// three more containers of the pod started at once (one reads what the
+/// first left in the pod's shared /dev/shm and exits 0, a terminal, one
+/// killed with SIGKILL: 137) next to an exec, ps, metrics, pause and resume
+/// of the first one, which finally exits 143 on SIGTERM. No second shim or VM may appear, and nothing may be left,
+/// in the host's namespace or the pod's.
+#[test]
+fn pod_runs_containers_exec_ps_metrics_pause_and_kill_in_one_vm() {
+    let Some(c) = setup("e2e-pod") else { return };
+    let c = Arc::new(c);
+    let _stop = StopOnDrop(c.clone());
+    let t = Instant::now();
+    let pod = format!("{SANDBOX_ID_ANNOTATION}=pod-live");
+    let in_pod = ["--rm", "--annotation", pod.as_str()];
+    // The pod's network, as CNI would leave it; the first container (the
+    // pod's sandbox) names its namespace.
+    let net = PodNetns::create("e2e", 7);
+    let with_net = format!("network:{}", net.path.display());
+    let mut first = in_pod.to_vec();
+    first.extend(["--with-ns", with_net.as_str()]);
+    // CRI binds the sandbox's shm directory on every container's /dev/shm.
+    let shm = "type=bind,src=/dev/shm,dst=/dev/shm,options=rbind:rw";
+    first.extend(["--mount", shm]);
+    let mut with_shm = in_pod.to_vec();
+    with_shm.extend(["--mount", shm]);
+    // `sleep & wait` rather than a loop of sleeps: every fork costs the
+    // emulated guest kernel most of a second.
+    let live = run_in_thread(
+        &c,
+        &first,
+        "live",
+        &[
+            "sh",
+            "-c",
+            "trap 'exit 143' TERM; echo hi >/dev/shm/greeting; sleep 100000 & wait",
+        ],
+    );
+    wait_status(&c, "live", "RUNNING");
+    elapsed(t, "live is running (VM booted)");
+    let marker = c.dir.to_string_lossy().into_owned();
+    assert_eq!(vmm_pids(&marker).len(), 1, "{:?}", vmm_pids(&marker));
+    // moat-vmm runs jailed: a user of its own, not root.
+    let pid = vmm_pids(&marker)[0].split(' ').next().unwrap().to_owned();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid.split_whitespace()
+            .skip(1)
+            .all(|id| id.parse::<u32>().unwrap() > 0x7000_0000),
+        "moat-vmm is not jailed: {uid}"
+    );
+
+    // Three containers of the pod at once, next to an exec in the first.
+    let hi = run_in_thread(&c, &with_shm, "hi", &["cat", "/dev/shm/greeting"]);
+    let victim = run_in_thread(&c, &in_pod, "victim", &["sleep", "100000"]);
+    let tty = {
+        let cmd = format!(
+            "stty rows 30 cols 100; timeout -s KILL {CTR_TIMEOUT_SECS} ctr -a {} run -t --rm --runtime {RUNTIME} --annotation {pod} {IMAGE} tty1 sh -c 'tty && [ -t 0 ] && [ -t 1 ] && stty size && echo tty-ok'",
+            c.sock.display()
+        );
+        c.note_grouping(&in_pod, "tty1");
+        // ctr -t needs a terminal, which `script` provides.
+        thread::spawn(move || {
+            Command::new("script")
+                .arg("-qec")
+                .arg(cmd)
+                .arg("/dev/null")
+                .output()
+                .unwrap()
+        })
+    };
+    let o = c.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "x1",
+        "live",
+        "sh",
+        "-c",
+        "echo from-exec; echo exec-err >&2; exit 3",
+    ]);
+    elapsed(t, "exec");
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert_eq!(stdout(&o), "from-exec\n", "{}", text(&o));
+    assert_eq!(stderr(&o), "exec-err\n", "{}", text(&o));
+
+    // The guest has the pod's address on the veth's MAC; both ways work
+    // through the tap and the tc redirects.
+    let mac = net.exec(&["cat", "/sys/class/net/eth0/address"]);
+    let mac = stdout(&mac).trim().to_owned();
+    let o = c.ctr(&[
+        "tasks",
+        "exec",
+        "--exec-id",
+        "net1",
+        "live",
+        "sh",
+        "-c",
+        &format!("ip -o addr show; ip link; ping -c 1 -W 20 {}", net.host_ip),
+    ]);
+    elapsed(t, "ping from the guest");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains(&format!("inet {}/24", net.pod_ip)) && out.contains(&mac),
+        "{out}"
+    );
+    let o = Command::new("busybox")
+        .args(["ping", "-c", "1", "-W", "20", &net.pod_ip])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "ping the guest: {}", text(&o));
+    let tc = stdout(&net.exec(&["tc", "filter", "show", "dev", "eth0", "ingress"]));
+    assert!(tc.contains("moat0"), "no redirect to the tap: {tc}");
+
+    let o = c.ctr(&["tasks", "ps", "live"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // A header, the shell and its sleep.
+    assert!(stdout(&o).lines().count() >= 3, "{}", text(&o));
+
+    let o = c.ctr(&["tasks", "metrics", "live"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        stdout(&o).contains("memory.usage") && stdout(&o).contains("pids.current"),
+        "{}",
+        text(&o)
+    );
+
+    let o = c.ctr(&["tasks", "pause", "live"]);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_status(&c, "live", "PAUSED");
+    let o = c.ctr(&["tasks", "resume", "live"]);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_status(&c, "live", "RUNNING");
+    elapsed(t, "ps, metrics, pause, resume");
+
+    let o = hi.join().unwrap();
+    elapsed(t, "hi");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(stdout(&o), "hi\n", "{}", text(&o));
+    let o = tty.join().unwrap();
+    elapsed(t, "tty1");
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // stdin and stdout are the container's own terminal (from its devpts
+    // instance, as with runc) with ctr's window size.
+    let out = stdout(&o);
+    assert!(
+        out.contains("/dev/pts/0\r") && out.contains("30 100\r") && out.contains("tty-ok"),
+        "{out:?}"
+    );
+
+    if victim.is_finished() {
+        let o = victim.join().unwrap();
+        panic!("victim's ctr run ended before it ran: {}", text(&o));
+    }
+    wait_status(&c, "victim", "RUNNING");
+    assert_eq!(
+        vmm_pids(&marker).len(),
+        1,
+        "the pod's containers must share one VM: {:?}",
+        vmm_pids(&marker)
+    );
+    let o = c.ctr(&["tasks", "kill", "-s", "SIGKILL", "victim"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = victim.join().unwrap();
+    elapsed(t, "victim");
+    assert_eq!(o.status.code(), Some(137), "{}", text(&o));
+
+    let o = c.ctr(&["tasks", "kill", "-s", "SIGTERM", "live"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = live.join().unwrap();
+    elapsed(t, "live");
+    assert_eq!(o.status.code(), Some(143), "{}", text(&o));
+    c.assert_no_leaks();
+    // The pod's namespace is as CNI left it: no tap, no redirect.
+    let links = stdout(&net.exec(&["ip", "-o", "link"]));
+    assert!(!links.contains("moat0"), "tap left behind: {links}");
+    let qdiscs = stdout(&net.exec(&["tc", "qdisc", "show", "dev", "eth0"]));
+    assert!(
+        !qdiscs.contains("ingress"),
+        "redirect left behind: {qdiscs}"
+    );
+    elapsed(t, "no leaks");
+}

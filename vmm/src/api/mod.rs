@@ -1,0 +1,337 @@
+//! The control API: HTTP/1.1 + JSON on a unix socket (see `API.md`),
+//! served by one thread that calls into a [`VmControl`].
+
+pub mod http;
+
+use std::io::BufReader;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+use vmm_sys_util::eventfd::EventFd;
+
+use http::{read_request, write_response, HttpError, Request};
+
+/// What the API can do to the running VM.
+pub trait VmControl: Send + Sync {
+    fn state(&self) -> serde_json::Value;
+    fn pause(&self) -> Result<(), ApiError>;
+    fn resume(&self) -> Result<(), ApiError>;
+    /// Asks the guest to stop, then stops it hard after `timeout`.
+    fn shutdown(&self, timeout: Duration) -> Result<(), ApiError>;
+    fn replace_block(&self, id: &str, path: &Path, read_only: bool) -> Result<(), ApiError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn status(&self) -> u16 {
+        match self {
+            ApiError::BadRequest(_) => 400,
+            ApiError::NotFound(_) => 404,
+            ApiError::Conflict(_) => 409,
+            ApiError::Internal(_) => 500,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("Cannot bind the API socket {0}")]
+    Bind(PathBuf, #[source] std::io::Error),
+    #[error("Cannot start the API thread")]
+    Spawn(#[source] std::io::Error),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShutdownBody {
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockBody {
+    path: PathBuf,
+    #[serde(default)]
+    read_only: bool,
+}
+
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, ApiError> {
+    let raw: &[u8] = if req.body.is_empty() {
+        b"{}"
+    } else {
+        &req.body
+    };
+    serde_json::from_slice(raw).map_err(|e| ApiError::BadRequest(format!("Invalid JSON body: {e}")))
+}
+
+/// Routes one request; returns status and JSON body.
+pub fn handle(ctl: &dyn VmControl, req: &Request) -> (u16, serde_json::Value) {
+    let result = match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/vm") => return (200, ctl.state()),
+        ("PUT", "/vm/pause") => ctl.pause(),
+        ("PUT", "/vm/resume") => ctl.resume(),
+        ("PUT", "/vm/shutdown") => body::<ShutdownBody>(req).and_then(|b| {
+            let timeout = b
+                .timeout_ms
+                .map_or(DEFAULT_SHUTDOWN_TIMEOUT, Duration::from_millis);
+            ctl.shutdown(timeout)
+        }),
+        ("PUT", path) if path.starts_with("/block/") => body::<BlockBody>(req)
+            .and_then(|b| ctl.replace_block(&path["/block/".len()..], &b.path, b.read_only)),
+        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown") => {
+            return (
+                405,
+                json!({ "error": format!("{} is not allowed on {}", req.method, req.path) }),
+            )
+        }
+        _ => Err(ApiError::NotFound(format!(
+            "No such resource: {}",
+            req.path
+        ))),
+    };
+    match result {
+        Ok(()) => (200, ctl.state()),
+        Err(e) => (e.status(), json!({ "error": e.to_string() })),
+    }
+}
+
+fn serve_connection(ctl: &dyn VmControl, stream: UnixStream) {
+    // A client that stalls must not hold the API forever.
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    loop {
+        let (status, body, keep_alive) = match read_request(&mut reader) {
+            Ok(req) => {
+                let (status, body) = handle(ctl, &req);
+                (status, body, req.keep_alive)
+            }
+            Err(HttpError::Closed) | Err(HttpError::Io(_)) => return,
+            Err(e @ HttpError::BodyTooLarge) => (413, json!({ "error": e.to_string() }), false),
+            Err(e) => (400, json!({ "error": e.to_string() }), false),
+        };
+        if write_response(&mut writer, status, &body).is_err() || !keep_alive {
+            return;
+        }
+    }
+}
+
+/// The API thread; dropping it stops and joins the thread and removes the
+/// socket file.
+pub struct ApiServer {
+    path: PathBuf,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Binds the socket now (so a bad path fails before the guest runs).
+    pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+        // A stale socket from a crashed VMM would make bind fail.
+        if std::fs::symlink_metadata(path).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_socket()
+        }) {
+            let _ = std::fs::remove_file(path);
+        }
+        UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_owned(), e))
+    }
+
+    pub fn start(
+        path: &Path,
+        listener: UnixListener,
+        ctl: Arc<dyn VmControl>,
+        seccomp: Option<seccompiler::BpfProgram>,
+    ) -> Result<Self, ServerError> {
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(ServerError::Spawn)?);
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                if let Some(filter) = seccomp {
+                    if let Err(e) = seccompiler::apply_filter(&filter) {
+                        log::error!("API thread: cannot install its seccomp filter: {e}");
+                        return;
+                    }
+                }
+                loop {
+                    let mut fds = [
+                        libc::pollfd {
+                            fd: listener.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                        libc::pollfd {
+                            fd: stop2.as_raw_fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                    ];
+                    // SAFETY: `fds` is a valid array of two pollfd for the call.
+                    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                    if n < 0 {
+                        if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+                        {
+                            continue;
+                        }
+                        log::error!("API poll failed: {}", std::io::Error::last_os_error());
+                        return;
+                    }
+                    if fds[1].revents != 0 {
+                        return;
+                    }
+                    if let Ok((stream, _)) = listener.accept() {
+                        serve_connection(ctl.as_ref(), stream);
+                    }
+                }
+            })
+            .map_err(ServerError::Spawn)?;
+        Ok(Self {
+            path: path.to_owned(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Fake {
+        calls: Mutex<Vec<String>>,
+    }
+    impl VmControl for Fake {
+        fn state(&self) -> serde_json::Value {
+            json!({ "state": "Running" })
+        }
+        fn pause(&self) -> Result<(), ApiError> {
+            self.calls.lock().unwrap().push("pause".into());
+            Ok(())
+        }
+        fn resume(&self) -> Result<(), ApiError> {
+            Err(ApiError::Conflict("Not paused".into()))
+        }
+        fn shutdown(&self, t: Duration) -> Result<(), ApiError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("shutdown {}", t.as_millis()));
+            Ok(())
+        }
+        fn replace_block(&self, id: &str, path: &Path, ro: bool) -> Result<(), ApiError> {
+            if id != "a" {
+                return Err(ApiError::NotFound(format!("No block device {id:?}")));
+            }
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("block {} {ro}", path.display()));
+            Ok(())
+        }
+    }
+
+    fn req(method: &str, path: &str, body: &str) -> Request {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            body: body.as_bytes().to_vec(),
+            keep_alive: false,
+        }
+    }
+
+    #[test]
+    fn routes_requests() {
+        let f = Fake::default();
+        assert_eq!(handle(&f, &req("GET", "/vm", "")).0, 200);
+        assert_eq!(handle(&f, &req("PUT", "/vm/pause", "")).0, 200);
+        assert_eq!(handle(&f, &req("PUT", "/vm/resume", "")).0, 409);
+        assert_eq!(
+            handle(&f, &req("PUT", "/vm/shutdown", r#"{"timeout_ms":10}"#)).0,
+            200
+        );
+        assert_eq!(
+            handle(&f, &req("PUT", "/vm/shutdown", r#"{"timeout":10}"#)).0,
+            400
+        );
+        assert_eq!(
+            handle(
+                &f,
+                &req("PUT", "/block/a", r#"{"path":"/x","read_only":true}"#)
+            )
+            .0,
+            200
+        );
+        assert_eq!(
+            handle(&f, &req("PUT", "/block/b", r#"{"path":"/x"}"#)).0,
+            404
+        );
+        assert_eq!(handle(&f, &req("PUT", "/block/a", "not json")).0, 400);
+        assert_eq!(handle(&f, &req("DELETE", "/vm", "")).0, 405);
+        assert_eq!(handle(&f, &req("GET", "/nope", "")).0, 404);
+        assert_eq!(
+            *f.calls.lock().unwrap(),
+            vec![
+                "pause".to_string(),
+                "shutdown 10".into(),
+                "block /x true".into()
+            ]
+        );
+    }
+
+    #[test]
+    fn serves_over_a_unix_socket_and_cleans_up() {
+        let path = std::env::temp_dir().join(format!("moat-api-test-{}.sock", std::process::id()));
+        let listener = ApiServer::bind(&path).unwrap();
+        let server = ApiServer::start(&path, listener, Arc::new(Fake::default()), None).unwrap();
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"GET /vm HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(out.ends_with(r#"{"state":"Running"}"#), "{out}");
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(b"BROKEN\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        drop(server);
+        assert!(!path.exists());
+    }
+}

@@ -1,0 +1,49 @@
+//! Guest physical address map (x86_64) and interrupt numbering.
+
+/// Boot GDT.
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Boot IDT (empty; the kernel installs its own).
+pub const BOOT_IDT_START: u64 = 0x520;
+/// Linux `boot_params` (the "zero page") for the 64-bit boot protocol.
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Identity page tables for 64-bit entry: PML4, PDPT, PD.
+pub const PML4_START: u64 = 0x9000;
+pub const PDPTE_START: u64 = 0xa000;
+pub const PDE_START: u64 = 0xb000;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+pub const CMDLINE_MAX_SIZE: usize = 4096;
+/// Initial stack pointer for the boot vCPU.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// End of the low RAM the BIOS era reserved; E820 RAM restarts at 1 MiB.
+pub const EBDA_START: u64 = 0x9fc00;
+pub const HIGH_MEMORY_START: u64 = 0x10_0000;
+/// Start of the 32-bit MMIO hole; RAM above it continues at 4 GiB.
+pub const MMIO_GAP_START: u64 = 0xd000_0000;
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// virtio-mmio device windows, one page each, from the start of the gap.
+pub const VIRTIO_MMIO_BASE: u64 = MMIO_GAP_START;
+pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
+/// IOAPIC pins for virtio-mmio devices (legacy ISA IRQs end below 5 here).
+pub const IRQ_BASE: u32 = 5;
+pub const IRQ_MAX: u32 = 23;
+/// 8250 serial (COM1) and its IRQ.
+pub const SERIAL_PORT: u64 = 0x3f8;
+pub const SERIAL_IRQ: u32 = 4;
+/// i8042 controller data and command ports.
+pub const I8042_PORT: u64 = 0x60;
+/// Boot-timer port: the guest writes [`BOOT_TIMER_MAGIC`] once booted
+/// (Firecracker's convention).
+pub const BOOT_TIMER_PORT: u64 = 0x3f0;
+pub const BOOT_TIMER_MAGIC: u8 = 123;
+/// Where KVM keeps its TSS and identity map (below the MMIO gap's end).
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Base address of the `index`-th virtio-mmio device.
+pub fn virtio_mmio_base(index: u32) -> u64 {
+    VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE
+}
+
+/// Maximum number of virtio-mmio devices (one IRQ each).
+pub const MAX_VIRTIO_DEVICES: u32 = IRQ_MAX - IRQ_BASE + 1;

@@ -1,0 +1,37 @@
+//! moat-vmm: a small KVM virtual machine monitor for moat microVMs.
+//!
+//! Layout:
+//! - [`config`]: the VM configuration (JSON file or flags) and its checks;
+//! - [`vmm`]: builds a VM from a config and runs it to the end;
+//! - [`layout`]: the guest physical address map;
+//! - [`arch`]: kernel loading, boot protocols, initial vCPU state;
+//! - [`vstate`]: the KVM VM and vCPU threads;
+//! - [`devices`]: port-I/O and virtio-mmio devices behind a [`devices::Bus`];
+//! - [`api`]: the control API on a unix socket;
+//! - [`seccomp`]: one syscall filter per thread kind;
+//! - [`privileges`]: every capability dropped before the guest runs;
+//! - [`host`]: hardware KVM or PVM, and what each needs.
+
+pub mod api;
+pub mod arch;
+pub mod config;
+pub mod devices;
+pub mod host;
+pub mod layout;
+pub mod logger;
+pub mod privileges;
+pub mod seccomp;
+pub mod vmm;
+pub mod vstate;
+
+/// An error and its sources as one line: "outer: inner: root cause".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

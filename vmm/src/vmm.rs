@@ -1,0 +1,402 @@
+//! Builds a VM from a [`VmConfig`] and runs it to the end.
+//!
+//! Order matters for the promise that bad input fails before any guest code
+//! runs and leaves nothing behind: validate the config, open every device
+//! backend, create the VM and load the kernel, wire devices, bind the API,
+//! and only then start the vCPUs.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::{ApiError, ApiServer, VmControl};
+use crate::arch::{boot, mptable};
+use crate::config::{SerialOutput, VmConfig};
+use crate::devices::legacy::{BootTimer, SerialDevice, I8042};
+use crate::devices::virtio::{self, VirtioDevice};
+use crate::devices::{Bus, BusDevice};
+use crate::layout::*;
+use crate::seccomp::{self, ThreadKind};
+use crate::vstate::{ExitCode, Vcpus, Vm};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::VmError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Regs(#[from] crate::arch::regs::RegsError),
+    #[error(transparent)]
+    Vcpu(#[from] crate::vstate::VcpuError),
+    #[error(transparent)]
+    Api(#[from] crate::api::ServerError),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::SeccompError),
+    #[error(transparent)]
+    Privileges(#[from] crate::privileges::PrivilegeError),
+    #[error("Block device {0:?}")]
+    Block(String, #[source] virtio::block::BlockError),
+    #[error("Net device {0:?}")]
+    Net(String, #[source] virtio::net::NetError),
+    #[error("vsock device")]
+    Vsock(#[source] virtio::vsock::VsockError),
+    #[error("Cannot set up the virtio-mmio transport")]
+    Transport(#[source] std::io::Error),
+    #[error("Cannot open the serial output {0}")]
+    SerialOutput(PathBuf, #[source] std::io::Error),
+    #[error("Cannot create an eventfd or signalfd")]
+    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    Bus(#[from] crate::devices::BusError),
+}
+
+/// Host memory in MiB, for the memory-size check.
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(u64::MAX, |kib| kib / 1024)
+}
+
+fn serial_output(cfg: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match cfg {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::Off => Box::new(std::io::sink()),
+        SerialOutput::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| VmmError::SerialOutput(path.clone(), e))?,
+        ),
+        SerialOutput::Fd(fd) => {
+            // SAFETY: F_GETFD only inspects the descriptor number.
+            if unsafe { libc::fcntl(*fd, libc::F_GETFD) } < 0 {
+                return Err(VmmError::SerialOutput(
+                    format!("fd {fd}").into(),
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            // SAFETY: the fd was handed to us for the console and is valid
+            // (checked above); nothing else in the VMM owns it.
+            Box::new(unsafe { File::from_raw_fd(*fd) })
+        }
+    })
+}
+
+/// Opens every virtio device backend, in the guest-visible order (block,
+/// net, vsock, rng), keeping a handle to each block device for the API.
+type BlockHandles = HashMap<String, virtio::block::BlockHandle>;
+
+fn create_devices(cfg: &VmConfig) -> Result<(Vec<Box<dyn VirtioDevice>>, BlockHandles), VmmError> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let mut blocks = HashMap::new();
+    for b in &cfg.block {
+        let serial = b.serial.as_deref().unwrap_or(&b.id);
+        let dev = virtio::block::Block::new(&b.id, b.path.as_deref(), b.read_only, Some(serial))
+            .map_err(|e| VmmError::Block(b.id.clone(), e))?;
+        blocks.insert(b.id.clone(), dev.handle());
+        devices.push(Box::new(dev));
+    }
+    for n in &cfg.net {
+        let tap = match (&n.tap, n.tap_fd) {
+            (Some(name), _) => virtio::net::TapSource::Name(name.clone()),
+            (None, Some(fd)) => virtio::net::TapSource::Fd(fd),
+            (None, None) => unreachable!("validated: a net device has a tap or a tap_fd"),
+        };
+        let mac = n.mac.as_deref().map(crate::config::parse_mac).transpose()?;
+        let dev = virtio::net::Net::new(virtio::net::NetConfig {
+            id: n.id.clone(),
+            tap,
+            mac,
+        })
+        .map_err(|e| VmmError::Net(n.id.clone(), e))?;
+        devices.push(Box::new(dev));
+    }
+    if let Some(v) = &cfg.vsock {
+        let dev =
+            virtio::vsock::Vsock::new(v.guest_cid, v.uds_path.clone()).map_err(VmmError::Vsock)?;
+        devices.push(Box::new(dev));
+    }
+    if cfg.rng {
+        devices.push(Box::new(virtio::rng::Rng::new()));
+    }
+    Ok((devices, blocks))
+}
+
+/// The kernel command line: console, reset method, host needs, devices,
+/// then the user's words (last, so they can override).
+fn kernel_cmdline(cfg: &VmConfig, host: crate::host::HostKind, num_devices: u32) -> String {
+    let mut words = vec!["console=ttyS0".to_string(), "reboot=k".into()];
+    words.extend(host.kernel_args().split_whitespace().map(String::from));
+    for i in 0..num_devices {
+        words.push(format!(
+            "virtio_mmio.device=4K@{:#x}:{}",
+            virtio_mmio_base(i),
+            IRQ_BASE + i
+        ));
+    }
+    if !cfg.cmdline.trim().is_empty() {
+        words.push(cfg.cmdline.trim().to_string());
+    }
+    words.join(" ")
+}
+
+/// What the API thread acts on.
+struct Controller {
+    vcpus: Arc<Vcpus>,
+    i8042: Arc<Mutex<I8042>>,
+    blocks: BlockHandles,
+    boot_time_us: Arc<Mutex<Option<u64>>>,
+}
+
+impl VmControl for Controller {
+    fn state(&self) -> serde_json::Value {
+        let state = if self.vcpus.is_paused() {
+            "Paused"
+        } else {
+            "Running"
+        };
+        json!({ "state": state, "boot_time_us": *self.boot_time_us.lock().unwrap() })
+    }
+
+    fn pause(&self) -> Result<(), ApiError> {
+        self.vcpus.pause();
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), ApiError> {
+        self.vcpus.resume();
+        Ok(())
+    }
+
+    fn shutdown(&self, timeout: Duration) -> Result<(), ApiError> {
+        let control = self.vcpus.control();
+        if !self.vcpus.is_paused() {
+            self.i8042
+                .lock()
+                .unwrap()
+                .send_ctrl_alt_del()
+                .map_err(|e| ApiError::Internal(format!("Cannot signal the guest: {e}")))?;
+            let deadline = Instant::now() + timeout;
+            while control.exit_code().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if control.exit_code().is_none() {
+            log::info!("Guest did not stop within {timeout:?}: stopping it");
+        }
+        control.request_exit(ExitCode::Ok);
+        Ok(())
+    }
+
+    fn replace_block(&self, id: &str, path: &Path, read_only: bool) -> Result<(), ApiError> {
+        let handle = self
+            .blocks
+            .get(id)
+            .ok_or_else(|| ApiError::NotFound(format!("No block device {id:?}")))?;
+        handle
+            .replace_backing(path, read_only)
+            .map_err(|e| ApiError::BadRequest(crate::error_chain(&e)))
+    }
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP (inherited by every thread started
+/// later) and returns a signalfd for them, so the main loop can stop the VM
+/// cleanly instead of dying with sockets left behind.
+fn termination_signalfd() -> Result<File, VmmError> {
+    // SAFETY: sigset manipulation on a local, zero-initialised set, then a
+    // mask change of this thread and a new signalfd that we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(VmmError::EventFd(std::io::Error::last_os_error()));
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(VmmError::EventFd(std::io::Error::last_os_error()));
+        }
+        Ok(File::from_raw_fd(fd))
+    }
+}
+
+/// Boots the VM described by `cfg` and runs it until the guest stops.
+pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
+    cfg.validate(host_memory_mib())?;
+    let serial_out = serial_output(&cfg.serial)?;
+    let (devices, blocks) = create_devices(&cfg)?;
+
+    let vm = Vm::new(
+        Path::new("/dev/kvm"),
+        &boot::memory_regions(cfg.memory_mib << 20),
+        cfg.vcpus,
+    )?;
+    let kernel = boot::load_kernel(&vm.mem, &cfg.kernel)?;
+    let initramfs = match &cfg.initramfs {
+        Some(path) => Some(boot::load_initramfs(&vm.mem, path, &kernel)?),
+        None => None,
+    };
+    let cmdline = kernel_cmdline(&cfg, vm.host, devices.len() as u32);
+    log::debug!("Kernel command line: {cmdline}");
+    boot::write_boot_params(&vm.mem, &kernel, &cmdline, initramfs)?;
+    mptable::setup_mptable(&vm.mem, cfg.vcpus)?;
+
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    pio.insert(
+        Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out))),
+        SERIAL_PORT,
+        8,
+    )?;
+    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&kbd_irq, 1)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        reset_evt.try_clone().map_err(VmmError::EventFd)?,
+        kbd_irq,
+    )));
+    pio.insert(i8042.clone(), I8042_PORT, 5)?;
+    let timer = BootTimer::new(start);
+    let boot_time_us = timer.elapsed_handle();
+    pio.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_PORT, 1)?;
+
+    for (index, device) in devices.into_iter().enumerate() {
+        let index = index as u32;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&irq, IRQ_BASE + index)?;
+        let base = virtio_mmio_base(index);
+        let transport = virtio::mmio::MmioTransport::new(device, vm.mem.clone(), irq)
+            .map_err(VmmError::Transport)?;
+        for (queue, evt) in transport.queue_notify_eventfds().iter().enumerate() {
+            vm.register_ioevent(evt, base + virtio::mmio::NOTIFY_REG_OFFSET, queue as u32)?;
+        }
+        let transport: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(transport));
+        mmio.insert(transport, base, VIRTIO_MMIO_SIZE)?;
+    }
+
+    let signals = termination_signalfd()?;
+    let filters = if cfg.seccomp {
+        Some(seccomp::Filters::build()?)
+    } else {
+        None
+    };
+    let api_listener = match &cfg.api_socket {
+        Some(path) => Some((path.clone(), ApiServer::bind(path)?)),
+        None => None,
+    };
+
+    // Everything the VM needs is open: no capability is needed from here on.
+    crate::privileges::drop_privileges(cfg.jail.as_ref())?;
+    let vcpus = Arc::new(Vcpus::start(
+        &vm,
+        cfg.vcpus,
+        kernel.entry,
+        pio,
+        mmio,
+        filters.as_ref().map(|f| f.get(ThreadKind::Vcpu)),
+    )?);
+    log::info!("Guest started after {} us", start.elapsed().as_micros());
+
+    let _api = match api_listener {
+        Some((path, listener)) => {
+            let ctl = Arc::new(Controller {
+                vcpus: vcpus.clone(),
+                i8042,
+                blocks,
+                boot_time_us,
+            });
+            Some(ApiServer::start(
+                &path,
+                listener,
+                ctl,
+                filters.as_ref().map(|f| f.get(ThreadKind::Api)),
+            )?)
+        }
+        None => None,
+    };
+    if let Some(f) = &filters {
+        seccomp::apply(&f.get(ThreadKind::Main))?;
+    }
+
+    let code = wait_for_exit(&vcpus, &reset_evt, &signals);
+    vcpus.stop();
+    log::info!(
+        "VM stopped after {} ms with exit code {}",
+        start.elapsed().as_millis(),
+        code as i32
+    );
+    Ok(code)
+    // `_api`, then the devices (held by the buses inside the vCPU threads,
+    // now joined) drop here: their threads are joined and sockets removed.
+}
+
+fn wait_for_exit(vcpus: &Vcpus, reset_evt: &EventFd, signals: &File) -> ExitCode {
+    let control = vcpus.control();
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: control.exit_evt().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: reset_evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: signals.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a valid array of three pollfd for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::error!("Main loop poll failed: {}", std::io::Error::last_os_error());
+            return ExitCode::Internal;
+        }
+        if fds[1].revents != 0 {
+            log::info!("Guest reset the machine (i8042)");
+            control.request_exit(ExitCode::Ok);
+        }
+        if fds[2].revents != 0 {
+            log::info!("Termination signal: stopping the VM");
+            control.request_exit(ExitCode::Ok);
+        }
+        if let Some(code) = control.exit_code() {
+            return match code {
+                0 => ExitCode::Ok,
+                2 => ExitCode::VcpuFailed,
+                3 => ExitCode::TripleFault,
+                _ => ExitCode::Internal,
+            };
+        }
+        let _ = control.exit_evt().read();
+    }
+}

@@ -1,0 +1,7 @@
+//! KVM state: the VM (memory, interrupt controller) and its vCPUs.
+
+pub mod vcpu;
+pub mod vm;
+
+pub use vcpu::{ExitCode, VcpuError, Vcpus};
+pub use vm::{Vm, VmError};

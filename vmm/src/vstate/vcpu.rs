@@ -1,0 +1,314 @@
+//! vCPU threads: each runs KVM_RUN in a loop and dispatches port I/O and
+//! MMIO exits to the buses. The main thread stops or pauses them by setting
+//! a flag and kicking them out of KVM_RUN with a signal.
+
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use kvm_bindings::CpuId;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use super::Vm;
+use crate::arch::regs::{self, EntryPoint, RegsError};
+use crate::devices::Bus;
+
+/// Why the VMM exits; the process exit code (see API.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum ExitCode {
+    Ok = 0,
+    SetupError = 1,
+    VcpuFailed = 2,
+    TripleFault = 3,
+    Internal = 4,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("Cannot create vCPU {0}")]
+    Create(u8, #[source] kvm_ioctls::Error),
+    #[error("Cannot read the host's supported CPUID")]
+    Cpuid(#[source] kvm_ioctls::Error),
+    #[error("Cannot set CPUID of vCPU {0}")]
+    SetCpuid(u8, #[source] kvm_ioctls::Error),
+    #[error("Cannot set up vCPU {0}")]
+    Regs(u8, #[source] RegsError),
+    #[error("Cannot start a vCPU thread")]
+    Spawn(#[source] std::io::Error),
+    #[error("Cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+}
+
+/// State shared by the vCPU threads and the thread that controls them.
+pub struct VcpuControl {
+    stop: AtomicBool,
+    pause: Mutex<bool>,
+    resumed: Condvar,
+    parked: Mutex<usize>,
+    parked_changed: Condvar,
+    /// First reason to exit wins.
+    exit_code: AtomicI32,
+    exit_evt: EventFd,
+}
+
+impl VcpuControl {
+    /// Records why the VM stops and wakes the main loop; later calls keep the
+    /// first code.
+    pub fn request_exit(&self, code: ExitCode) {
+        let _ =
+            self.exit_code
+                .compare_exchange(-1, code as i32, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self.exit_evt.write(1);
+    }
+
+    pub fn exit_code(&self) -> Option<i32> {
+        match self.exit_code.load(Ordering::SeqCst) {
+            -1 => None,
+            c => Some(c),
+        }
+    }
+
+    pub fn exit_evt(&self) -> &EventFd {
+        &self.exit_evt
+    }
+}
+
+pub struct Vcpus {
+    handles: Mutex<Vec<JoinHandle<()>>>,
+    control: Arc<VcpuControl>,
+}
+
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only interrupts KVM_RUN (EINTR); the flags say what to do next.
+}
+
+/// Per-vCPU CPUID: the host's supported leaves with this vCPU's APIC ID.
+fn cpuid_for(base: &CpuId, id: u8, count: u8) -> CpuId {
+    let mut cpuid = base.clone();
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(id) << 24);
+                // Logical processor count, for the HTT topology leaf.
+                entry.ebx = (entry.ebx & 0xff00_ffff) | (u32::from(count) << 16);
+            }
+            0xb | 0x1f => entry.edx = u32::from(id),
+            _ => {}
+        }
+    }
+    cpuid
+}
+
+impl Vcpus {
+    /// Creates and configures every vCPU, then starts their threads. The
+    /// boot vCPU enters the kernel at `entry`; the others wait for INIT/SIPI.
+    pub fn start(
+        vm: &Vm,
+        count: u8,
+        entry: EntryPoint,
+        pio: Bus,
+        mmio: Bus,
+        seccomp: Option<seccompiler::BpfProgram>,
+    ) -> Result<Self, VcpuError> {
+        register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal)?;
+        let base = vm
+            .kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(VcpuError::Cpuid)?;
+        let mut fds = Vec::with_capacity(count.into());
+        for id in 0..count {
+            let fd = vm
+                .fd
+                .create_vcpu(id.into())
+                .map_err(|e| VcpuError::Create(id, e))?;
+            fd.set_cpuid2(&cpuid_for(&base, id, count))
+                .map_err(|e| VcpuError::SetCpuid(id, e))?;
+            let r = |e| VcpuError::Regs(id, e);
+            regs::setup_msrs(&fd).map_err(r)?;
+            regs::setup_fpu(&fd).map_err(r)?;
+            regs::setup_lapic(&fd).map_err(r)?;
+            if id == 0 {
+                regs::setup_sregs(&vm.mem, &fd).map_err(r)?;
+                regs::setup_regs(&fd, entry).map_err(r)?;
+            }
+            fds.push(fd);
+        }
+        let control = Arc::new(VcpuControl {
+            stop: AtomicBool::new(false),
+            pause: Mutex::new(false),
+            resumed: Condvar::new(),
+            parked: Mutex::new(0),
+            parked_changed: Condvar::new(),
+            exit_code: AtomicI32::new(-1),
+            exit_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(VcpuError::Spawn)?,
+        });
+        let vcpus = Vcpus {
+            handles: Mutex::new(vec![]),
+            control,
+        };
+        for (id, fd) in fds.into_iter().enumerate() {
+            let (pio, mmio, control) = (pio.clone(), mmio.clone(), vcpus.control.clone());
+            let filter = seccomp.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    if let Some(filter) = filter {
+                        if let Err(e) = seccompiler::apply_filter(&filter) {
+                            log::error!("vCPU {id}: cannot install its seccomp filter: {e}");
+                            control.request_exit(ExitCode::Internal);
+                            return;
+                        }
+                    }
+                    run_vcpu(id, fd, &pio, &mmio, &control)
+                })
+                .map_err(VcpuError::Spawn)?;
+            vcpus.handles.lock().unwrap().push(handle);
+        }
+        Ok(vcpus)
+    }
+
+    pub fn control(&self) -> &Arc<VcpuControl> {
+        &self.control
+    }
+
+    fn running(&self) -> usize {
+        self.handles
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| !h.is_finished())
+            .count()
+    }
+
+    fn kick_all(&self) {
+        for h in self.handles.lock().unwrap().iter() {
+            if !h.is_finished() {
+                let _ = h.kill(kick_signal());
+            }
+        }
+    }
+
+    /// Stops every vCPU and waits until all are parked.
+    pub fn pause(&self) {
+        *self.control.pause.lock().unwrap() = true;
+        let want = self.running();
+        let mut parked = self.control.parked.lock().unwrap();
+        while *parked < want && !self.control.stop.load(Ordering::SeqCst) {
+            drop(parked);
+            // A kick can land just before KVM_RUN and be lost: repeat it.
+            self.kick_all();
+            parked = self.control.parked.lock().unwrap();
+            parked = self
+                .control
+                .parked_changed
+                .wait_timeout(parked, Duration::from_millis(10))
+                .unwrap()
+                .0;
+        }
+    }
+
+    pub fn resume(&self) {
+        *self.control.pause.lock().unwrap() = false;
+        self.control.resumed.notify_all();
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.control.pause.lock().unwrap()
+    }
+
+    /// Stops and joins every vCPU thread.
+    pub fn stop(&self) {
+        self.control.stop.store(true, Ordering::SeqCst);
+        self.resume();
+        while self.running() > 0 {
+            self.kick_all();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for h in self.handles.lock().unwrap().drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Vcpus {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn park_if_paused(control: &VcpuControl) {
+    let mut paused = control.pause.lock().unwrap();
+    if !*paused {
+        return;
+    }
+    *control.parked.lock().unwrap() += 1;
+    control.parked_changed.notify_all();
+    while *paused && !control.stop.load(Ordering::SeqCst) {
+        paused = control.resumed.wait(paused).unwrap();
+    }
+    *control.parked.lock().unwrap() -= 1;
+}
+
+fn run_vcpu(id: usize, mut fd: VcpuFd, pio: &Bus, mmio: &Bus, control: &VcpuControl) {
+    loop {
+        if control.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        park_if_paused(control);
+        match fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !pio.read(port.into(), data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                pio.write(port.into(), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                mmio.write(addr, data);
+            }
+            Ok(VcpuExit::Hlt) => {
+                // With the in-kernel LAPIC a HLT only exits when it can never
+                // wake up (interrupts off): the guest has halted for good.
+                log::info!("vCPU {id} halted with interrupts disabled");
+                control.request_exit(ExitCode::Ok);
+                return;
+            }
+            Ok(VcpuExit::Shutdown) => {
+                log::error!("vCPU {id}: guest triple fault (KVM_EXIT_SHUTDOWN)");
+                control.request_exit(ExitCode::TripleFault);
+                return;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                log::info!("vCPU {id}: system event {kind}");
+                control.request_exit(ExitCode::Ok);
+                return;
+            }
+            Ok(VcpuExit::Intr) => {}
+            Ok(other) => {
+                log::error!("vCPU {id}: unhandled exit {other:?}");
+                control.request_exit(ExitCode::VcpuFailed);
+                return;
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                log::error!("vCPU {id}: KVM_RUN failed: {e}");
+                control.request_exit(ExitCode::VcpuFailed);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The KVM VM: guest memory slots, in-kernel irqchip and PIT, irqfds and
+//! ioeventfds.
+
+use std::path::Path;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::virtio::GuestMemory;
+use crate::host::HostKind;
+use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("/dev/kvm is missing: this host has no KVM (load kvm_intel/kvm_amd or a PVM backend)")]
+    KvmMissing,
+    #[error("Permission denied on /dev/kvm: run as root or add the user to the kvm group")]
+    KvmPermission,
+    #[error("Cannot open /dev/kvm")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not the supported version 12")]
+    KvmVersion(i32),
+    #[error("KVM lacks a required capability: {0}")]
+    Capability(&'static str),
+    #[error("Cannot create the VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("Cannot allocate {0} MiB of guest memory")]
+    Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    #[error("KVM refused a VM setup call ({0})")]
+    Setup(&'static str, #[source] kvm_ioctls::Error),
+    #[error("{0} vCPUs are more than KVM allows here ({1})")]
+    TooManyVcpus(u8, usize),
+}
+
+pub struct Vm {
+    pub kvm: Kvm,
+    pub fd: VmFd,
+    pub mem: GuestMemory,
+    pub host: HostKind,
+}
+
+impl Vm {
+    pub fn new(
+        kvm_path: &Path,
+        mem_regions: &[(vm_memory::GuestAddress, usize)],
+        vcpus: u8,
+    ) -> Result<Self, VmError> {
+        let kvm = open_kvm(kvm_path)?;
+        let version = kvm.get_api_version();
+        if version != 12 {
+            return Err(VmError::KvmVersion(version));
+        }
+        for (cap, name) in [
+            (kvm_ioctls::Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (kvm_ioctls::Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+            (kvm_ioctls::Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::Capability(name));
+            }
+        }
+        let max = kvm.get_max_vcpus();
+        if usize::from(vcpus) > max {
+            return Err(VmError::TooManyVcpus(vcpus, max));
+        }
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let size_mib = mem_regions.iter().map(|r| r.1 as u64).sum::<u64>() >> 20;
+        let mem =
+            GuestMemory::from_ranges(mem_regions).map_err(|e| VmError::Memory(size_mib, e))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host_addr = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .expect("an mmap region has a host address") as u64;
+            let kvm_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host_addr,
+            };
+            // SAFETY: the region is a live mmap owned by `mem`, which this
+            // struct keeps alive for as long as the VM fd exists.
+            unsafe { fd.set_user_memory_region(kvm_region) }
+                .map_err(|e| VmError::Setup("set_user_memory_region", e))?;
+        }
+        fd.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(|e| VmError::Setup("set_tss_address", e))?;
+        if let Err(e) = fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
+            // Only VMX needs it; PVM and SVM may refuse.
+            log::debug!("KVM_SET_IDENTITY_MAP_ADDR refused: {e}");
+        }
+        fd.create_irq_chip()
+            .map_err(|e| VmError::Setup("create_irq_chip", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        if let Err(e) = fd.create_pit2(pit) {
+            // The kernel calibrates with kvmclock; a missing PIT only costs a
+            // fallback timer.
+            log::warn!("No in-kernel PIT: {e}");
+        }
+        Ok(Self {
+            kvm,
+            fd,
+            mem,
+            host: HostKind::detect(),
+        })
+    }
+
+    /// Binds `evt` so that writing to it raises `gsi`.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(|e| VmError::Setup("register_irqfd", e))
+    }
+
+    /// Makes a guest write of `datamatch` (4 bytes) at MMIO `addr` signal `evt`
+    /// inside KVM, without an exit to user space.
+    pub fn register_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(|e| VmError::Setup("register_ioevent", e))
+    }
+}
+
+fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
+    use std::os::unix::ffi::OsStrExt;
+    let cpath =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| VmError::KvmMissing)?;
+    match Kvm::new_with_path(&cpath) {
+        Ok(kvm) => Ok(kvm),
+        Err(e) if e.errno() == libc::ENOENT => Err(VmError::KvmMissing),
+        Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {
+            Err(VmError::KvmPermission)
+        }
+        Err(e) => Err(VmError::KvmOpen(e)),
+    }
+}
