@@ -120,10 +120,13 @@ pub struct MoatConfig {
 /// The last `n` lines of a file, under a header naming it.
 fn last_lines(path: &Path, n: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    tail(&path.display().to_string(), text.lines().collect(), n)
+}
+
+/// The last `n` of `lines`, under a header naming where they come from.
+fn tail(name: &str, lines: Vec<&str>, n: usize) -> String {
     format!(
-        "--- {} (last {n} of {} lines) ---\n{}\n",
-        path.display(),
+        "--- {name} (last {n} of {} lines) ---\n{}\n",
         lines.len(),
         lines[lines.len().saturating_sub(n)..].join("\n")
     )
@@ -222,13 +225,20 @@ impl Containerd {
     /// What a failed test needs to say why: the shim's and containerd's
     /// last log lines and the end of every guest console.
     pub fn diagnostics(&self) -> String {
-        let mut out = last_lines(&self.dir.join("containerd.log"), 150);
+        // CI shows only the first hundred lines or so of a failure: skip
+        // containerd's start-up (plugin loading), which says nothing.
+        let path = self.dir.join("containerd.log");
+        let log = fs::read_to_string(&path).unwrap_or_default();
+        let started = log
+            .lines()
+            .skip_while(|l| !l.contains("successfully booted"));
+        let mut out = tail(&path.display().to_string(), started.skip(1).collect(), 60);
         for entry in fs::read_dir(self.state_dir())
             .into_iter()
             .flatten()
             .flatten()
         {
-            out += &last_lines(&entry.path().join("console.log"), 80);
+            out += &last_lines(&entry.path().join("console.log"), 40);
         }
         out
     }

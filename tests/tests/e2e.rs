@@ -218,13 +218,18 @@ fn pod_runs_containers_exec_ps_metrics_pause_and_kill_in_one_vm() {
     let victim = run_in_thread(&c, &in_pod, "victim", &["sleep", "100000"]);
     let tty = {
         let cmd = format!(
-            "stty rows 30 cols 100; timeout -s KILL {CTR_TIMEOUT_SECS} ctr -a {} run -t --rm --runtime {RUNTIME} --annotation {pod} {IMAGE} tty1 sh -c 'tty && [ -t 0 ] && [ -t 1 ] && stty size && echo tty-ok'",
+            "stty rows 30 cols 100; timeout --foreground -s KILL {CTR_TIMEOUT_SECS} ctr -a {} run -t --rm --runtime {RUNTIME} --annotation {pod} {IMAGE} tty1 sh -c 'tty && [ -t 0 ] && [ -t 1 ] && stty size && echo tty-ok'",
             c.sock.display()
         );
         c.note_grouping(&in_pod, "tty1");
-        // ctr -t needs a terminal, which `script` provides.
+        // ctr -t needs a terminal, which `script` provides. Without
+        // --foreground, `timeout` moves ctr out of the terminal's foreground
+        // process group, and ctr's switch to raw mode stops it (SIGTTOU) for
+        // good. Whether that happens depends on $SHELL (bash execs the last
+        // command, dash does not), so the shell is pinned.
         thread::spawn(move || {
             Command::new("script")
+                .env("SHELL", "/bin/sh")
                 .arg("-qec")
                 .arg(cmd)
                 .arg("/dev/null")
