@@ -111,11 +111,13 @@ const VCPU_AND_DEVICES: &[i64] = &[
     libc::SYS_unlink,
 ];
 
-/// Serving the API: accepting clients, opening a replacement disk file.
+/// Serving the API: accepting clients, receiving or opening a replacement
+/// disk file.
 const API: &[i64] = &[
     libc::SYS_setsockopt,
     libc::SYS_accept4,
     libc::SYS_recvfrom,
+    libc::SYS_recvmsg,
     libc::SYS_sendto,
     libc::SYS_openat,
     libc::SYS_ioctl,

@@ -20,6 +20,7 @@ use crate::api::{ApiError, ApiServer, VmControl};
 use crate::arch::{boot, mptable};
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::legacy::{BootTimer, SerialDevice, I8042};
+use crate::devices::virtio::block::BlockSource;
 use crate::devices::virtio::{self, VirtioDevice};
 use crate::devices::{Bus, BusDevice};
 use crate::layout::*;
@@ -206,13 +207,18 @@ impl VmControl for Controller {
         Ok(())
     }
 
-    fn replace_block(&self, id: &str, path: &Path, read_only: bool) -> Result<(), ApiError> {
+    fn replace_block(
+        &self,
+        id: &str,
+        source: BlockSource,
+        read_only: bool,
+    ) -> Result<(), ApiError> {
         let handle = self
             .blocks
             .get(id)
             .ok_or_else(|| ApiError::NotFound(format!("No block device {id:?}")))?;
         handle
-            .replace_backing(path, read_only)
+            .replace_backing(source, read_only)
             .map_err(|e| ApiError::BadRequest(crate::error_chain(&e)))
     }
 }

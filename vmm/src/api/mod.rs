@@ -1,10 +1,11 @@
 //! The control API: HTTP/1.1 + JSON on a unix socket (see `API.md`),
 //! served by one thread that calls into a [`VmControl`].
 
+mod fd_stream;
 pub mod http;
 
 use std::io::BufReader;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +16,8 @@ use serde::Deserialize;
 use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::virtio::block::BlockSource;
+use fd_stream::FdStream;
 use http::{read_request, write_response, HttpError, Request};
 
 /// What the API can do to the running VM.
@@ -24,7 +27,8 @@ pub trait VmControl: Send + Sync {
     fn resume(&self) -> Result<(), ApiError>;
     /// Asks the guest to stop, then stops it hard after `timeout`.
     fn shutdown(&self, timeout: Duration) -> Result<(), ApiError>;
-    fn replace_block(&self, id: &str, path: &Path, read_only: bool) -> Result<(), ApiError>;
+    fn replace_block(&self, id: &str, source: BlockSource, read_only: bool)
+        -> Result<(), ApiError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,9 +72,29 @@ struct ShutdownBody {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BlockBody {
-    path: PathBuf,
+    /// None: the file is the one descriptor passed with the request.
+    #[serde(default)]
+    path: Option<PathBuf>,
     #[serde(default)]
     read_only: bool,
+}
+
+impl BlockBody {
+    fn source(self, mut fds: Vec<OwnedFd>) -> Result<BlockSource, ApiError> {
+        match (self.path, fds.len()) {
+            (Some(path), 0) => Ok(BlockSource::Path(path)),
+            (None, 1) => Ok(BlockSource::Fd(fds.remove(0))),
+            (Some(_), _) => Err(ApiError::BadRequest(
+                "Give either a path or a file descriptor, not both".into(),
+            )),
+            (None, 0) => Err(ApiError::BadRequest(
+                "Give a path, or pass the file's descriptor with the request".into(),
+            )),
+            (None, n) => Err(ApiError::BadRequest(format!(
+                "Pass one file descriptor, not {n}"
+            ))),
+        }
+    }
 }
 
 const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -84,8 +108,9 @@ fn body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, ApiError> {
     serde_json::from_slice(raw).map_err(|e| ApiError::BadRequest(format!("Invalid JSON body: {e}")))
 }
 
-/// Routes one request; returns status and JSON body.
-pub fn handle(ctl: &dyn VmControl, req: &Request) -> (u16, serde_json::Value) {
+/// Routes one request, with the descriptors passed along with it (any a
+/// request does not use are closed); returns status and JSON body.
+pub fn handle(ctl: &dyn VmControl, req: &Request, fds: Vec<OwnedFd>) -> (u16, serde_json::Value) {
     let result = match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/vm") => return (200, ctl.state()),
         ("PUT", "/vm/pause") => ctl.pause(),
@@ -96,8 +121,10 @@ pub fn handle(ctl: &dyn VmControl, req: &Request) -> (u16, serde_json::Value) {
                 .map_or(DEFAULT_SHUTDOWN_TIMEOUT, Duration::from_millis);
             ctl.shutdown(timeout)
         }),
-        ("PUT", path) if path.starts_with("/block/") => body::<BlockBody>(req)
-            .and_then(|b| ctl.replace_block(&path["/block/".len()..], &b.path, b.read_only)),
+        ("PUT", path) if path.starts_with("/block/") => body::<BlockBody>(req).and_then(|b| {
+            let read_only = b.read_only;
+            ctl.replace_block(&path["/block/".len()..], b.source(fds)?, read_only)
+        }),
         (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown") => {
             return (
                 405,
@@ -121,12 +148,19 @@ fn serve_connection(ctl: &dyn VmControl, stream: UnixStream) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(FdStream::new(stream));
     loop {
-        let (status, body, keep_alive) = match read_request(&mut reader) {
+        let request = read_request(&mut reader);
+        // Descriptors belong to the request whose bytes they came with.
+        let fds = reader.get_mut().take_fds();
+        let (status, body, keep_alive) = match request {
             Ok(req) => {
-                let (status, body) = handle(ctl, &req);
+                let (status, body) = handle(ctl, &req, fds);
                 (status, body, req.keep_alive)
+            }
+            Err(HttpError::Io(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                let error = format!("Pass at most {} file descriptors", fd_stream::MAX_FDS);
+                (400, json!({ "error": error }), false)
             }
             Err(HttpError::Closed) | Err(HttpError::Io(_)) => return,
             Err(e @ HttpError::BodyTooLarge) => (413, json!({ "error": e.to_string() }), false),
@@ -254,14 +288,14 @@ mod tests {
                 .push(format!("shutdown {}", t.as_millis()));
             Ok(())
         }
-        fn replace_block(&self, id: &str, path: &Path, ro: bool) -> Result<(), ApiError> {
+        fn replace_block(&self, id: &str, source: BlockSource, ro: bool) -> Result<(), ApiError> {
             if id != "a" {
                 return Err(ApiError::NotFound(format!("No block device {id:?}")));
             }
             self.calls
                 .lock()
                 .unwrap()
-                .push(format!("block {} {ro}", path.display()));
+                .push(format!("block {source} {ro}"));
             Ok(())
         }
     }
@@ -278,38 +312,71 @@ mod tests {
     #[test]
     fn routes_requests() {
         let f = Fake::default();
-        assert_eq!(handle(&f, &req("GET", "/vm", "")).0, 200);
-        assert_eq!(handle(&f, &req("PUT", "/vm/pause", "")).0, 200);
-        assert_eq!(handle(&f, &req("PUT", "/vm/resume", "")).0, 409);
-        assert_eq!(
-            handle(&f, &req("PUT", "/vm/shutdown", r#"{"timeout_ms":10}"#)).0,
-            200
-        );
-        assert_eq!(
-            handle(&f, &req("PUT", "/vm/shutdown", r#"{"timeout":10}"#)).0,
-            400
-        );
+        assert_eq!(handle(&f, &req("GET", "/vm", ""), vec![]).0, 200);
+        assert_eq!(handle(&f, &req("PUT", "/vm/pause", ""), vec![]).0, 200);
+        assert_eq!(handle(&f, &req("PUT", "/vm/resume", ""), vec![]).0, 409);
         assert_eq!(
             handle(
                 &f,
-                &req("PUT", "/block/a", r#"{"path":"/x","read_only":true}"#)
+                &req("PUT", "/vm/shutdown", r#"{"timeout_ms":10}"#),
+                vec![]
             )
             .0,
             200
         );
         assert_eq!(
-            handle(&f, &req("PUT", "/block/b", r#"{"path":"/x"}"#)).0,
+            handle(&f, &req("PUT", "/vm/shutdown", r#"{"timeout":10}"#), vec![]).0,
+            400
+        );
+        assert_eq!(
+            handle(
+                &f,
+                &req("PUT", "/block/a", r#"{"path":"/x","read_only":true}"#),
+                vec![]
+            )
+            .0,
+            200
+        );
+        assert_eq!(
+            handle(&f, &req("PUT", "/block/b", r#"{"path":"/x"}"#), vec![]).0,
             404
         );
-        assert_eq!(handle(&f, &req("PUT", "/block/a", "not json")).0, 400);
-        assert_eq!(handle(&f, &req("DELETE", "/vm", "")).0, 405);
-        assert_eq!(handle(&f, &req("GET", "/nope", "")).0, 404);
+        assert_eq!(
+            handle(&f, &req("PUT", "/block/a", "not json"), vec![]).0,
+            400
+        );
+        assert_eq!(handle(&f, &req("DELETE", "/vm", ""), vec![]).0, 405);
+        assert_eq!(handle(&f, &req("GET", "/nope", ""), vec![]).0, 404);
         assert_eq!(
             *f.calls.lock().unwrap(),
             vec![
                 "pause".to_string(),
                 "shutdown 10".into(),
                 "block /x true".into()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_block_file_is_a_path_or_one_passed_descriptor() {
+        let f = Fake::default();
+        let fd = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let put = |body: &str, fds| handle(&f, &req("PUT", "/block/a", body), fds);
+        assert_eq!(put(r#"{"read_only":true}"#, vec![fd()]).0, 200);
+        let (code, body) = put(r#"{"read_only":true}"#, vec![]);
+        assert_eq!(code, 400);
+        assert!(body["error"].as_str().unwrap().contains("pass the file"));
+        let (code, body) = put(r#"{"path":"/x"}"#, vec![fd()]);
+        assert_eq!(code, 400);
+        assert!(body["error"].as_str().unwrap().contains("not both"));
+        assert_eq!(put("{}", vec![fd(), fd()]).0, 400);
+        // Descriptors that come with other requests are closed, not kept.
+        assert_eq!(handle(&f, &req("PUT", "/vm/pause", ""), vec![fd()]).0, 200);
+        assert_eq!(
+            *f.calls.lock().unwrap(),
+            vec![
+                "block a passed file descriptor true".to_string(),
+                "pause".into()
             ]
         );
     }
@@ -331,6 +398,23 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+        // A file passed along with the request that names it.
+        let s = UnixStream::connect(&path).unwrap();
+        let body = r#"{"read_only":true}"#;
+        let request = format!(
+            "PUT /block/a HTTP/1.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let null = std::fs::File::open("/dev/null").unwrap();
+        vmm_sys_util::sock_ctrl_msg::ScmSocket::send_with_fd(
+            &s,
+            request.as_bytes(),
+            null.as_raw_fd(),
+        )
+        .unwrap();
+        let mut out = String::new();
+        (&s).read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
         drop(server);
         assert!(!path.exists());
     }

@@ -313,7 +313,19 @@ impl Vm {
     /// One control API request; if it fails, fails the test with what
     /// became of moat-vmm (a seccomp kill shows as SIGSYS, for example).
     pub fn api(&mut self, socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
-        match api(socket, method, path, body) {
+        self.api_passing(socket, method, path, body, None)
+    }
+
+    /// [`Vm::api`], passing `fd` along with the request (SCM_RIGHTS).
+    pub fn api_passing(
+        &mut self,
+        socket: &Path,
+        method: &str,
+        path: &str,
+        body: &str,
+        fd: Option<&File>,
+    ) -> (u16, String) {
+        match api_passing(socket, method, path, body, fd) {
             Ok(r) => r,
             Err(e) => {
                 std::thread::sleep(Duration::from_millis(300));
@@ -405,14 +417,32 @@ pub fn make_image(path: &Path, sectors: u64) {
 
 /// One HTTP/1.1 request to the control API; returns (status, body).
 pub fn api(socket: &Path, method: &str, path: &str, body: &str) -> io::Result<(u16, String)> {
+    api_passing(socket, method, path, body, None)
+}
+
+/// [`api`], passing `fd` along with the request's bytes (SCM_RIGHTS).
+pub fn api_passing(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+    fd: Option<&File>,
+) -> io::Result<(u16, String)> {
     let mut s = UnixStream::connect(socket)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
+    let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: moat\r\nConnection: close\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )?;
+    );
+    let mut sent = 0;
+    if let Some(fd) = fd {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        sent = s
+            .send_with_fd(request.as_bytes(), fd.as_raw_fd())
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    }
+    s.write_all(&request.as_bytes()[sent..])?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let status = resp

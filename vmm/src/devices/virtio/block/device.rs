@@ -1,9 +1,10 @@
 //! The virtio-blk device, its worker thread and the handle that replaces
 //! its backing file.
 
-use std::fs::OpenOptions;
+use std::fmt;
+use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -31,15 +32,48 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
-    #[error("Cannot get the size of the backing file {} of block device {id}", path.display())]
+    #[error("Cannot get the size of {what}, the backing file of block device {id}")]
     Size {
         id: String,
-        path: PathBuf,
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("The file descriptor given for block device {0} is open read-only, but the device is writable")]
+    ReadOnlyDescriptor(String),
+    #[error("Cannot read the flags of the file descriptor given for block device {id}")]
+    DescriptorFlags {
+        id: String,
         #[source]
         source: io::Error,
     },
     #[error("Serial of block device {0} is longer than {VIRTIO_BLK_ID_BYTES} bytes")]
     SerialTooLong(String),
+}
+
+/// Where a replacement backing file comes from.
+#[derive(Debug)]
+pub enum BlockSource {
+    /// Opened by the VMM, with the VMM's privileges at that time.
+    Path(PathBuf),
+    /// Already open: passed over the API socket by a caller that may open
+    /// what a jailed VMM cannot.
+    Fd(OwnedFd),
+}
+
+impl From<&Path> for BlockSource {
+    fn from(path: &Path) -> Self {
+        BlockSource::Path(path.to_owned())
+    }
+}
+
+impl fmt::Display for BlockSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BlockSource::Path(p) => write!(f, "{}", p.display()),
+            BlockSource::Fd(_) => f.write_str("a passed file descriptor"),
+        }
+    }
 }
 
 /// What the device, its worker and its handles share.
@@ -67,23 +101,41 @@ impl Shared {
         self.lock().backing.clone()
     }
 
-    fn open(&self, path: &Path, read_only: bool) -> Result<Backing, BlockError> {
+    fn open(&self, source: BlockSource, read_only: bool) -> Result<Backing, BlockError> {
         let read_only = read_only || self.read_only;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| BlockError::Open {
-                id: self.id.clone(),
-                path: path.to_owned(),
-                source,
-            })?;
+        let what = source.to_string();
+        let file = match source {
+            BlockSource::Path(path) => OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .open(&path)
+                .map_err(|source| BlockError::Open {
+                    id: self.id.clone(),
+                    path,
+                    source,
+                })?,
+            BlockSource::Fd(fd) => {
+                // SAFETY: F_GETFL on a descriptor we own; no memory is passed.
+                let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+                if flags < 0 {
+                    return Err(BlockError::DescriptorFlags {
+                        id: self.id.clone(),
+                        source: io::Error::last_os_error(),
+                    });
+                }
+                // Found now rather than as I/O errors in the guest later.
+                if !read_only && flags & libc::O_ACCMODE == libc::O_RDONLY {
+                    return Err(BlockError::ReadOnlyDescriptor(self.id.clone()));
+                }
+                File::from(fd)
+            }
+        };
         // Seeking also sizes block devices, whose metadata says 0.
         let size = (&file)
             .seek(SeekFrom::End(0))
             .map_err(|source| BlockError::Size {
                 id: self.id.clone(),
-                path: path.to_owned(),
+                what,
                 source,
             })?;
         Ok(Backing {
@@ -112,11 +164,11 @@ impl BlockHandle {
         self.shared.lock().backing.sectors
     }
 
-    /// Serves the device from the file at `path` from now on (a request in
-    /// flight completes on the old one) and tells an active driver that the
+    /// Serves the device from `source` from now on (a request in flight
+    /// completes on the old file) and tells an active driver that the
     /// capacity changed. A device created read-only stays read-only.
-    pub fn replace_backing(&self, path: &Path, read_only: bool) -> Result<(), BlockError> {
-        let backing = self.shared.open(path, read_only)?;
+    pub fn replace_backing(&self, source: BlockSource, read_only: bool) -> Result<(), BlockError> {
+        let backing = self.shared.open(source, read_only)?;
         let interrupt = {
             let mut state = self.shared.lock();
             state.backing = backing;
@@ -169,7 +221,7 @@ impl Block {
             }),
         });
         if let Some(path) = path {
-            let backing = shared.open(path, read_only)?;
+            let backing = shared.open(path.into(), read_only)?;
             shared.lock().backing = backing;
         }
         Ok(Block {
@@ -548,7 +600,7 @@ mod tests {
         let other = disk(4);
         h.block
             .handle()
-            .replace_backing(other.as_path(), false)
+            .replace_backing(other.as_path().into(), false)
             .unwrap();
         let buf = h.queue.readable(&[0xaa; 512]);
         assert_eq!(
@@ -756,7 +808,9 @@ mod tests {
         h.irq.status().store(0, std::sync::atomic::Ordering::SeqCst);
 
         let file = disk(6);
-        handle.replace_backing(file.as_path(), false).unwrap();
+        handle
+            .replace_backing(file.as_path().into(), false)
+            .unwrap();
         assert!(readable_within(&h.irqfd, Duration::ZERO));
         assert_eq!(
             h.irq.status().load(std::sync::atomic::Ordering::SeqCst),
@@ -776,7 +830,7 @@ mod tests {
 
         // Read-only replacement: reads work, writes do not.
         let ro = disk(2);
-        handle.replace_backing(ro.as_path(), true).unwrap();
+        handle.replace_backing(ro.as_path().into(), true).unwrap();
         assert_eq!(h.read_sectors(1, 1).1, VIRTIO_BLK_S_OK);
         let buf = h.queue.readable(&[9; 512]);
         assert_eq!(
@@ -784,10 +838,33 @@ mod tests {
             VIRTIO_BLK_S_IOERR
         );
         assert!(matches!(
-            handle.replace_backing(Path::new("/nonexistent/x"), true),
+            handle.replace_backing(Path::new("/nonexistent/x").into(), true),
             Err(BlockError::Open { .. })
         ));
         assert_eq!(handle.capacity(), 2, "a failed replacement changes nothing");
+
+        // A passed descriptor serves as it is; one open read-only cannot
+        // back a writable device.
+        let fd_disk = disk(7);
+        let read_only_fd = OwnedFd::from(File::open(fd_disk.as_path()).unwrap());
+        assert!(matches!(
+            handle.replace_backing(BlockSource::Fd(read_only_fd), false),
+            Err(BlockError::ReadOnlyDescriptor(_))
+        ));
+        assert_eq!(handle.capacity(), 2);
+        let rw = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(fd_disk.as_path())
+            .unwrap();
+        handle
+            .replace_backing(BlockSource::Fd(rw.into()), false)
+            .unwrap();
+        assert_eq!(handle.capacity(), 7);
+        let buf = h.queue.readable(&[4; 512]);
+        assert_eq!(h.request(VIRTIO_BLK_T_OUT, 0, Some(buf)).1, VIRTIO_BLK_S_OK);
+        fd_disk.as_file().read_exact_at(&mut sector, 0).unwrap();
+        assert_eq!(sector, [4; 512]);
     }
 
     #[test]
@@ -796,14 +873,14 @@ mod tests {
         let file = disk(3);
         block
             .handle()
-            .replace_backing(file.as_path(), false)
+            .replace_backing(file.as_path().into(), false)
             .unwrap();
         assert_eq!(block.handle().capacity(), 3);
         // A partial last sector is not part of the capacity.
         file.as_file().write_all_at(&[1; 100], 3 * 512).unwrap();
         block
             .handle()
-            .replace_backing(file.as_path(), false)
+            .replace_backing(file.as_path().into(), false)
             .unwrap();
         assert_eq!(block.handle().capacity(), 3);
     }
@@ -826,7 +903,7 @@ mod tests {
         }
         h.block
             .handle()
-            .replace_backing(file.as_path(), false)
+            .replace_backing(file.as_path().into(), false)
             .unwrap();
         assert!(!readable_within(&h.irqfd, Duration::from_millis(50)));
 

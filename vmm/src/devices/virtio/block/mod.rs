@@ -7,7 +7,7 @@
 pub mod device;
 pub mod request;
 
-pub use device::{Block, BlockError, BlockHandle};
+pub use device::{Block, BlockError, BlockHandle, BlockSource};
 
 /// Virtio device ID of a block device.
 pub const TYPE_BLOCK: u32 = 2;
