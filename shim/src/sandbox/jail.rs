@@ -2,12 +2,11 @@
 //!
 //! Every moat-vmm switches to a uid that no other VM and no host account
 //! has, in the range `jail_id_base + 1 ..= jail_id_base + 65536`, and to
-//! the group `jail_id_base`, which all VMs share. A VMM taken over by its
-//! guest can then open only what that uid or group may: its own sandbox's
-//! writable disks (owned by its uid, mode 0600) and the shared read-only
-//! layer images (group-readable, mode 0640). It cannot signal another VM,
-//! nor write a file root owns. Where the kernel has Landlock, moat-vmm
-//! also opens nothing outside its sandbox directory and the layer cache.
+//! the group `jail_id_base`, which all VMs share. No file belongs to that
+//! user: the VMM opens its first disks while still root, and the shim
+//! passes it later ones already open. A VMM taken over by its guest thus
+//! cannot signal another VM nor open any file but what the world may;
+//! where the kernel has Landlock, it opens no file at all.
 //!
 //! The uid of a sandbox is written to `jail-id` in its state directory; a
 //! claim is free again once that directory is gone, so a VM left by a dead
@@ -17,7 +16,6 @@ use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// How many VMs can hold a uid at once.
@@ -52,27 +50,10 @@ pub fn claim(state_dir: &Path, sandbox_dir: &Path, base: u32) -> io::Result<Jail
     Ok(JailIds { uid, gid: base })
 }
 
-/// Lets the jailed VMM open `disk` (called before it is given a path):
-/// files of the sandbox become its own, files of the layer cache readable
-/// by the VMs' group. Anything else (a host block device passed through)
-/// is left as it is, for the VMM to open only while it is still root.
-pub fn grant(disk: &Path, ids: JailIds, sandbox_dir: &Path, layer_cache: &Path) -> io::Result<()> {
-    if disk.starts_with(sandbox_dir) {
-        std::os::unix::fs::chown(disk, Some(ids.uid), Some(ids.gid))?;
-        fs::set_permissions(disk, fs::Permissions::from_mode(0o600))
-    } else if disk.starts_with(layer_cache) {
-        std::os::unix::fs::chown(disk, None, Some(ids.gid))?;
-        fs::set_permissions(disk, fs::Permissions::from_mode(0o640))
-    } else {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::rootfs::testutil::TempDir;
-    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn claims_are_unique_and_end_with_the_sandbox_directory() {
@@ -113,42 +94,5 @@ mod tests {
             .collect();
         let uids: HashSet<u32> = threads.into_iter().map(|t| t.join().unwrap()).collect();
         assert_eq!(uids, (1001..=1008).collect());
-    }
-
-    #[test]
-    fn grants_own_files_and_shared_layers_only() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("!!! SKIPPED grants_own_files_and_shared_layers_only: chown needs root");
-            return;
-        }
-        let t = TempDir::new("grant");
-        let (sb, cache, other) = (
-            t.path().join("sb"),
-            t.path().join("cache"),
-            t.path().join("x"),
-        );
-        for d in [&sb, &cache, &other] {
-            fs::create_dir(d).unwrap();
-        }
-        let ids = JailIds {
-            uid: 1_879_048_199,
-            gid: 1_879_048_192,
-        };
-        let (upper, layer, host) = (sb.join("upper"), cache.join("l.erofs"), other.join("dev"));
-        for f in [&upper, &layer, &host] {
-            fs::write(f, "").unwrap();
-        }
-        for f in [&upper, &layer, &host] {
-            grant(f, ids, &sb, &cache).unwrap();
-        }
-        let meta = |p: &Path| {
-            let m = fs::metadata(p).unwrap();
-            (m.uid(), m.gid(), m.mode() & 0o777)
-        };
-        assert_eq!(meta(&upper), (ids.uid, ids.gid, 0o600));
-        assert_eq!(meta(&layer), (0, ids.gid, 0o640));
-        assert_eq!(meta(&host).0, 0);
-        assert_eq!(meta(&host).1, 0);
     }
 }

@@ -6,7 +6,7 @@ pub mod vmm;
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -19,7 +19,6 @@ use crate::config::Config;
 use crate::network::{NetworkError, PodNetwork};
 use crate::rootfs::cache::fnv1a;
 use crate::rootfs::Disk;
-use jail::JailIds;
 use vmm::{BlockJson, JailJson, NetJson, SerialJson, VmJson, Vmm, VsockJson};
 
 const VMM_PID_FILE: &str = "vmm.pid";
@@ -136,9 +135,6 @@ pub struct Sandbox {
     agent: AgentClient,
     slots: Mutex<Vec<Slot>>,
     network: Option<PodNetwork>,
-    /// The VM's user, when moat-vmm runs jailed.
-    jail: Option<JailIds>,
-    layer_cache: PathBuf,
 }
 
 impl Sandbox {
@@ -196,11 +192,6 @@ impl Sandbox {
         let jail = if cfg.jail {
             let ids = jail::claim(&cfg.state_dir, dir, cfg.jail_id_base)
                 .map_err(io_error("claim a user for the VM"))?;
-            // The jailed VMM opens later containers' disks below this
-            // directory by path (`attach`); the first ones it opens while
-            // still root.
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o711))
-                .map_err(io_error(format!("open {} to the VM's user", dir.display())))?;
             Some(ids)
         } else {
             None
@@ -258,12 +249,12 @@ impl Sandbox {
             rng: true,
             api_socket: api,
             seccomp: cfg.seccomp,
-            // The VMM may open nothing later but the disks of this sandbox
-            // and the shared layer images.
+            // Once jailed, the VMM opens no file: it holds what it opened
+            // as root, and `attach` passes it later disks already open.
             jail: jail.map(|ids| JailJson {
                 ids,
-                read_write: vec![dir.to_owned()],
-                read_only: vec![cfg.layer_cache_dir.clone()],
+                read_write: Vec::new(),
+                read_only: Vec::new(),
             }),
         };
         let vmm = undo.vmm.insert(Vmm::spawn(
@@ -304,8 +295,6 @@ impl Sandbox {
             agent,
             slots: Mutex::new(slots),
             network,
-            jail,
-            layer_cache: cfg.layer_cache_dir.clone(),
         })
     }
 
@@ -336,24 +325,17 @@ impl Sandbox {
                 self.release_locked(&mut slots, &serials);
                 return Err(SandboxError::NoBlockSlot);
             };
-            if let Some(ids) = self.jail {
-                if let Err(e) = jail::grant(&d.path, ids, &self.dir, &self.layer_cache) {
-                    self.release_locked(&mut slots, &serials);
-                    return Err(io_error(format!("give the VM's user {}", d.path.display()))(e));
-                }
-            }
-            let body = serde_json::json!({"path": d.path, "read_only": d.read_only}).to_string();
-            match self.vmm.api("PUT", &format!("/block/{}", s.id), &body) {
-                Ok((200..=299, _)) => {}
-                Ok((code, body)) => {
-                    let e = SandboxError::Api(format!("fill block slot {}: {code} {body}", s.id));
-                    self.release_locked(&mut slots, &serials);
-                    return Err(e);
-                }
-                Err(e) => {
-                    self.release_locked(&mut slots, &serials);
-                    return Err(e);
-                }
+            // The shim opens the file and passes it: the VMM, jailed, may
+            // open no file at all (not even a host device passed through).
+            let filled = fs::OpenOptions::new()
+                .read(true)
+                .write(!d.read_only)
+                .open(&d.path)
+                .map_err(io_error(format!("open {}", d.path.display())))
+                .and_then(|file| self.vmm.replace_block(&s.id, &file, d.read_only));
+            if let Err(e) = filled {
+                self.release_locked(&mut slots, &serials);
+                return Err(e);
             }
             s.path = Some(d.path.clone());
             s.users = 1;

@@ -2,7 +2,8 @@
 //! orderly stop that always reaps it.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -182,7 +183,25 @@ impl Vmm {
 
     /// One request to the control API; returns the status code and body.
     pub fn api(&self, method: &str, path: &str, body: &str) -> Result<(u16, String), SandboxError> {
-        api_request(&self.api_socket, method, path, body)
+        api_request(&self.api_socket, method, path, body, None)
+    }
+
+    /// Fills block slot `id` with `file`, passed over the API socket: a
+    /// jailed VMM cannot open the shim's files itself.
+    pub fn replace_block(
+        &self,
+        id: &str,
+        file: &File,
+        read_only: bool,
+    ) -> Result<(), SandboxError> {
+        let body = serde_json::json!({ "read_only": read_only }).to_string();
+        let path = format!("/block/{id}");
+        match api_request(&self.api_socket, "PUT", &path, &body, Some(file.as_fd()))? {
+            (200..=299, _) => Ok(()),
+            (code, body) => Err(SandboxError::Api(format!(
+                "fill block slot {id}: {code} {body}"
+            ))),
+        }
     }
 
     /// From moat-vmm's start to the guest's boot-timer write (the agent
@@ -226,12 +245,14 @@ impl Vmm {
     }
 }
 
-/// A minimal HTTP/1.1 client for moat-vmm's API socket.
+/// A minimal HTTP/1.1 client for moat-vmm's API socket; `fd` travels with
+/// the request's bytes (SCM_RIGHTS).
 pub fn api_request(
     socket: &Path,
     method: &str,
     path: &str,
     body: &str,
+    fd: Option<BorrowedFd<'_>>,
 ) -> Result<(u16, String), SandboxError> {
     let io = |what: &str| {
         let what = format!("{what} {}", socket.display());
@@ -245,7 +266,21 @@ pub fn api_request(
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).map_err(io("write to"))?;
+    let mut sent = 0;
+    if let Some(fd) = fd {
+        let fds = [fd.as_raw_fd()];
+        let rights = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+        sent = nix::sys::socket::sendmsg::<()>(
+            s.as_raw_fd(),
+            &[IoSlice::new(req.as_bytes())],
+            &rights,
+            nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(|e| io("pass a file descriptor to")(e.into()))?;
+    }
+    s.write_all(&req.as_bytes()[sent..])
+        .map_err(io("write to"))?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).map_err(io("read from"))?;
     let text = String::from_utf8_lossy(&resp);
@@ -322,11 +357,53 @@ mod tests {
             .unwrap();
             req
         });
-        let (code, body) = api_request(&sock, "PUT", "/vm/resume", "").unwrap();
+        let (code, body) = api_request(&sock, "PUT", "/vm/resume", "", None).unwrap();
         assert_eq!(code, 409);
         assert!(body.contains("not paused"));
         let req = server.join().unwrap();
         assert!(req.starts_with("PUT /vm/resume HTTP/1.1\r\n"), "{req}");
+    }
+
+    #[test]
+    fn a_block_file_travels_with_its_request() {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+        use std::io::IoSliceMut;
+        use std::os::unix::fs::MetadataExt;
+        let t = TempDir::new("api-fd");
+        let sock = t.path().join("api.sock");
+        let disk = t.path().join("disk.img");
+        fs::write(&disk, [0u8; 4096]).unwrap();
+        let l = UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = vec![0u8; 4096];
+            let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty())
+                .unwrap();
+            let mut fds = Vec::new();
+            for c in msg.cmsgs().unwrap() {
+                if let ControlMessageOwned::ScmRights(r) = c {
+                    fds.extend(r);
+                }
+            }
+            let n = msg.bytes;
+            let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                .unwrap();
+            (req, fds)
+        });
+        let vmm = Vmm::watch(Command::new("true").spawn().unwrap(), sock);
+        let file = File::open(&disk).unwrap();
+        vmm.replace_block("b3", &file, true).unwrap();
+        let (req, fds) = server.join().unwrap();
+        assert!(req.starts_with("PUT /block/b3 HTTP/1.1\r\n"), "{req}");
+        assert!(req.ends_with(r#"{"read_only":true}"#), "{req}");
+        assert_eq!(fds.len(), 1);
+        // SAFETY: the descriptor was just received and is owned by nobody else.
+        let got = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+        let (a, b) = (got.metadata().unwrap(), file.metadata().unwrap());
+        assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
     }
 
     #[test]
