@@ -211,6 +211,7 @@ fn mount_volume(sys: &dyn Syscall, volume: &Volume, device: &Path, target: &Path
 
 /// Mounts `rootfs` under `base` (`base/layers/N`, `base/upper`, `base/rootfs`)
 /// and returns the mounts; on error everything mounted so far is undone.
+/// The overlay's upper and work directories are `<upper>/<name of base>/`.
 pub fn mount_rootfs(
     sys: &dyn Syscall,
     base: &Path,
@@ -282,8 +283,11 @@ fn mount_rootfs_inner(
             }
         },
     };
-    let upperdir = upper_root.join("upper");
-    let workdir = upper_root.join("work");
+    // A directory of the container's own on the upper volume: containers
+    // that share a volume never share overlay upper or work directories.
+    let own = upper_root.join(base.file_name().unwrap_or("rootfs".as_ref()));
+    let upperdir = own.join("upper");
+    let workdir = own.join("work");
     for d in [&upperdir, &workdir, &mounts.rootfs] {
         fs::create_dir_all(d).ctx(|| format!("creating {}", d.display()))?;
     }
@@ -490,6 +494,7 @@ mod tests {
         let calls = sys.take();
         assert_eq!(calls.len(), 4);
         let b = base.display();
+        let n = base.file_name().unwrap().to_str().unwrap();
         match &calls[0] {
             Call::Mount {
                 source,
@@ -510,7 +515,7 @@ mod tests {
                 assert_eq!(target, &format!("{b}/rootfs"));
                 assert_eq!(
                     data.as_deref().unwrap(),
-                    format!("lowerdir={b}/layers/0:{b}/layers/1,upperdir={b}/upper/upper,workdir={b}/upper/work")
+                    format!("lowerdir={b}/layers/0:{b}/layers/1,upperdir={b}/upper/{n}/upper,workdir={b}/upper/{n}/work")
                 );
             }
             c => panic!("unexpected {c:?}"),

@@ -711,13 +711,15 @@ pub fn oom(env: &Env) {
         return skipped("oom", "no memory controller in the agent's cgroup2");
     }
     let c = env.client();
-    // dd's 64 MiB buffer fills from /dev/zero in a few large reads: few
+    // dd's 32 MiB buffer fills from /dev/zero in a few large reads: few
     // syscalls and no copying, as a guest whose kernel is emulated needs.
+    // The limit is small because every page the kernel zeroes before the
+    // kill costs emulated time there.
     let mut s = spec(
-        &["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+        &["dd", "if=/dev/zero", "of=/dev/null", "bs=32M", "count=1"],
         false,
     );
-    s["linux"]["resources"]["memory"] = json!({"limit": 16 << 20, "swap": 16 << 20});
+    s["linux"]["resources"]["memory"] = json!({"limit": 8 << 20, "swap": 8 << 20});
     let mut ctr = start(env, &c, "oom", &s, false);
     let (w, _, _) = ctr.finish(&c);
     assert_eq!((w.signal, w.oom_killed), (9, true), "{w:?}");

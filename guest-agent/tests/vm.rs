@@ -1,7 +1,8 @@
 //! The agent's scenarios over real vsock: one moat-vmm VM booted with the
 //! guest kernel from kernel-config/ and the agent's initramfs, the busybox
-//! rootfs as an erofs layer plus an ext4 upper on virtio-blk devices found
-//! by serial, and every check of `moat_agent::scenarios` run against it.
+//! rootfs as an erofs layer plus ext4 uppers on virtio-blk devices found
+//! by serial, and every check of `moat_agent::scenarios` run against it,
+//! two at a time.
 //! The guest has real cgroup2 controllers, so limits and OOM run here even
 //! where the host's cgroup2 is bare. Ends with the Shutdown call, after
 //! which moat-vmm must exit 0.
@@ -24,6 +25,8 @@ use moat_protocol::{AgentClient, Connector, DEFAULT_AGENT_PORT};
 use protobuf::MessageField;
 
 const SUITE: &str = "moat-agent VM tests";
+/// Cases that run at once, each lane with a writable upper disk of its own.
+const LANES: usize = 2;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Time after which no further case starts (see `common::run_cases`).
 const DEFAULT_BUDGET: Duration = Duration::from_secs(720);
@@ -106,14 +109,26 @@ fn main() {
         .arg("--quiet")
         .arg(&layer)
         .arg(&tree));
-    let upper = dir.join("upper.ext4");
-    sh(Command::new("truncate").args(["-s", "64M"]).arg(&upper));
-    sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&upper));
+    // One writable upper per lane: a lane's containers take turns on it.
+    let uppers: Vec<PathBuf> = (0..LANES)
+        .map(|i| dir.join(format!("upper{i}.ext4")))
+        .collect();
+    for upper in &uppers {
+        sh(Command::new("truncate").args(["-s", "64M"]).arg(upper));
+        sh(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(upper));
+    }
 
     let uds = dir.join("vsock.sock");
     let serial = dir.join("console.log");
     let started = Instant::now();
-    let child = Command::new(&vmm)
+    let mut cmd = Command::new(&vmm);
+    for (i, upper) in uppers.iter().enumerate() {
+        cmd.arg("--block").arg(format!(
+            "id=upper{i},path={},serial=upper{i}",
+            upper.display()
+        ));
+    }
+    let child = cmd
         .arg("--kernel")
         .arg(&kernel)
         .arg("--initramfs")
@@ -133,8 +148,6 @@ fn main() {
             "id=layer0,path={},ro,serial=layer0",
             layer.display()
         ))
-        .arg("--block")
-        .arg(format!("id=upper,path={},serial=upper", upper.display()))
         .arg("--vsock")
         .arg(format!("cid=3,uds={}", uds.display()))
         .arg("--rng")
@@ -185,51 +198,57 @@ fn main() {
         started.elapsed().as_secs_f64()
     );
 
-    let env = Env {
-        connector: Connector::hybrid_vsock(&uds),
-        port: DEFAULT_AGENT_PORT,
-        rootfs: Rootfs {
-            layers: vec![vol(Kind::Serial("layer0".into()), "erofs")],
-            // As the shim mounts uppers: no background inode-table zeroing,
-            // which would cost minutes of emulated guest-kernel time.
-            upper: MessageField::some(Volume {
-                options: vec!["noinit_itable".into()],
-                ..vol(Kind::Serial("upper".into()), "ext4")
-            }),
-            ..Default::default()
-        },
-        prefix: "vm".into(),
-        cgroup_limits: true,
-        // 100 MiB takes over 5 minutes here: each byte is copied three times
-        // (pipe in, pipe out, vsock) by guest kernel code, which runs in the
-        // PVM host's instruction emulator.
-        big_output_mib: 8,
+    // Lane i's containers use upper disk i, one at a time.
+    let env = |lane: usize| {
+        Arc::new(Env {
+            connector: Connector::hybrid_vsock(&uds),
+            port: DEFAULT_AGENT_PORT,
+            rootfs: Rootfs {
+                layers: vec![vol(Kind::Serial("layer0".into()), "erofs")],
+                // As the shim mounts uppers: no background inode-table
+                // zeroing, which would cost minutes of emulated guest-kernel
+                // time.
+                upper: MessageField::some(Volume {
+                    options: vec!["noinit_itable".into()],
+                    ..vol(Kind::Serial(format!("upper{lane}")), "ext4")
+                }),
+                ..Default::default()
+            },
+            prefix: format!("vm{lane}"),
+            cgroup_limits: true,
+            // 100 MiB takes over 5 minutes here: each byte is copied three
+            // times (pipe in, pipe out, vsock) by guest kernel code, which
+            // runs in the PVM host's instruction emulator.
+            big_output_mib: 8,
+        })
     };
-    // Most valuable first: a guest whose kernel runs in an emulator spends
-    // a minute or more on a case, and the suite stops starting cases once
-    // its budget is spent (the rest are skipped loudly, by name).
-    let env = Arc::new(env);
-    let cases: Vec<Case> = vec![
-        case("layers by serial, ext4 upper", &env, upper_is_writable),
-        case("exec_exit_codes", &env, scenarios::exec_exit_codes),
-        case("signals", &env, scenarios::signals),
-        case("stdin", &env, scenarios::stdin),
-        case("tty_and_resize", &env, scenarios::tty_and_resize),
-        case("seccomp_denial", &env, scenarios::seccomp_denial),
-        case(
-            "dropped_capabilities",
-            &env,
-            scenarios::dropped_capabilities,
-        ),
-        case("path_escapes", &env, scenarios::path_escapes),
-        // Here with real controllers: UpdateContainer and Stats limits run.
-        case("bad_requests", &env, scenarios::bad_requests),
-        case("malformed_messages", &env, scenarios::malformed_messages),
-        case("oom", &env, scenarios::oom),
-        case("big_output (8 MiB)", &env, scenarios::big_output),
+    // Two lanes side by side, as the VM has vCPUs (and this host cores),
+    // of about the same length. In each, most valuable first: a guest whose
+    // kernel runs in an emulator spends a minute or more on a case, and the
+    // suite stops starting cases once its budget is spent (the rest are
+    // skipped loudly, by name).
+    let (a, b) = (env(0), env(1));
+    let lanes: Vec<Vec<Case>> = vec![
+        vec![
+            case("layers by serial, ext4 upper", &a, upper_is_writable),
+            case("exec_exit_codes", &a, scenarios::exec_exit_codes),
+            case("stdin", &a, scenarios::stdin),
+            case("seccomp_denial", &a, scenarios::seccomp_denial),
+            case("path_escapes", &a, scenarios::path_escapes),
+            case("malformed_messages", &a, scenarios::malformed_messages),
+            case("oom", &a, scenarios::oom),
+        ],
+        vec![
+            case("signals", &b, scenarios::signals),
+            case("tty_and_resize", &b, scenarios::tty_and_resize),
+            case("dropped_capabilities", &b, scenarios::dropped_capabilities),
+            // Here with real controllers: UpdateContainer and Stats limits run.
+            case("bad_requests", &b, scenarios::bad_requests),
+            case("big_output (8 MiB)", &b, scenarios::big_output),
+        ],
     ];
     let failed = common::run_cases(
-        cases,
+        lanes,
         Limits {
             budget: Some(budget),
             per_case: PER_CASE,

@@ -4,7 +4,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moat_agent::scenarios;
@@ -81,68 +81,95 @@ pub struct Limits {
     pub per_case: Duration,
 }
 
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    skipped: usize,
+    failed: Vec<String>,
+}
+
 /// Runs the cases whose names contain a command-line filter word (all
-/// without one), each in its own thread, isolated from the others' panics
-/// and hangs, and prints a closing line with the counts, checks skipped
-/// inside cases (`scenarios::skipped`) included.
-/// Returns the names that failed.
-pub fn run_cases(cases: Vec<Case>, limits: Limits) -> Vec<String> {
+/// without one): the lanes side by side, each lane's cases in order (cases
+/// that share something, such as a writable disk, go in one lane). Each
+/// case runs in its own thread, isolated from the others' panics and
+/// hangs. Prints a closing line with the counts, checks skipped inside
+/// cases (`scenarios::skipped`) included. Returns the names that failed.
+pub fn run_cases(lanes: Vec<Vec<Case>>, limits: Limits) -> Vec<String> {
     let filter: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let (mut passed, mut failed, mut skipped) = (0, Vec::new(), 0);
+    let tally = Mutex::new(Tally::default());
     let start = Instant::now();
-    for (name, f) in cases {
-        if !filter.is_empty() && !filter.iter().any(|x| name.contains(x.as_str())) {
-            continue;
+    std::thread::scope(|s| {
+        for lane in lanes {
+            let (filter, tally, limits) = (&filter, &tally, &limits);
+            s.spawn(move || {
+                for (name, f) in lane {
+                    if !filter.is_empty() && !filter.iter().any(|x| name.contains(x.as_str())) {
+                        continue;
+                    }
+                    if let Some(budget) = limits.budget.filter(|b| start.elapsed() > *b) {
+                        eprintln!(
+                            "!!! SKIPPED {name}: the suite's time budget of {budget:?} is spent \
+                             (raise it with MOAT_VM_SUITE_BUDGET_SECS)"
+                        );
+                        tally.lock().unwrap().skipped += 1;
+                        continue;
+                    }
+                    let passed = run_case(name, f, limits.per_case);
+                    let mut t = tally.lock().unwrap();
+                    if passed {
+                        t.passed += 1;
+                    } else {
+                        t.failed.push(name.to_string());
+                    }
+                }
+            });
         }
-        if let Some(budget) = limits.budget.filter(|b| start.elapsed() > *b) {
-            eprintln!(
-                "!!! SKIPPED {name}: the suite's time budget of {budget:?} is spent \
-                 (raise it with MOAT_VM_SUITE_BUDGET_SECS)"
-            );
-            skipped += 1;
-            continue;
-        }
-        let t = Instant::now();
-        let skips_before = scenarios::skip_count();
-        eprintln!("test {name} ...");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(catch_unwind(AssertUnwindSafe(f)).is_ok());
-        });
-        match rx.recv_timeout(limits.per_case) {
-            Ok(true) => {
-                passed += 1;
-                let n = scenarios::skip_count() - skips_before;
-                let note = if n > 0 {
-                    format!(", {n} check(s) SKIPPED (see above)")
-                } else {
-                    String::new()
-                };
-                eprintln!(
-                    "test {name} ... ok ({:.1}s{note})",
-                    t.elapsed().as_secs_f64()
-                );
-            }
-            Ok(false) | Err(RecvTimeoutError::Disconnected) => {
-                eprintln!("test {name} ... FAILED");
-                failed.push(name.to_string());
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                eprintln!(
-                    "test {name} ... FAILED: still running after {:?}; abandoned",
-                    limits.per_case
-                );
-                failed.push(name.to_string());
-            }
-        }
-    }
+    });
+    let t = tally.into_inner().unwrap();
     println!(
-        "{passed} passed, {} failed, {skipped} skipped; {} check(s) inside passed cases skipped",
-        failed.len(),
+        "{} passed, {} failed, {} skipped; {} check(s) inside passed cases skipped",
+        t.passed,
+        t.failed.len(),
+        t.skipped,
         scenarios::skip_count()
     );
-    failed
+    t.failed
+}
+
+/// Runs one case in a thread of its own; whether it passed in time.
+fn run_case(name: &str, f: Box<dyn Fn() + Send + 'static>, per_case: Duration) -> bool {
+    let t = Instant::now();
+    let skips_before = scenarios::skip_count();
+    eprintln!("test {name} ...");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(catch_unwind(AssertUnwindSafe(f)).is_ok());
+    });
+    match rx.recv_timeout(per_case) {
+        Ok(true) => {
+            // With several lanes, another case's skips may land here too.
+            let n = scenarios::skip_count() - skips_before;
+            let note = if n > 0 {
+                format!(", {n} check(s) SKIPPED meanwhile (see above)")
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "test {name} ... ok ({:.1}s{note})",
+                t.elapsed().as_secs_f64()
+            );
+            true
+        }
+        Ok(false) | Err(RecvTimeoutError::Disconnected) => {
+            eprintln!("test {name} ... FAILED");
+            false
+        }
+        Err(RecvTimeoutError::Timeout) => {
+            eprintln!("test {name} ... FAILED: still running after {per_case:?}; abandoned");
+            false
+        }
+    }
 }
