@@ -80,9 +80,9 @@ pub struct Config {
     /// Whether each moat-vmm runs as a user of its own, in network, IPC and
     /// UTS namespaces of its own (moat-vmm's `jail`).
     pub jail: bool,
-    /// The VMs' shared group; their users are the 65536 ids above it. The
-    /// default lies above the ranges that subuid files, systemd and
-    /// systemd-nspawn hand out.
+    /// The VMs' users and groups are the 65536 ids above it (one of each
+    /// per VM). The default lies above the ranges that subuid files,
+    /// systemd and systemd-nspawn hand out.
     pub jail_id_base: u32,
 }
 

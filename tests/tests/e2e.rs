@@ -205,13 +205,20 @@ fn pod_runs_containers_exec_ps_metrics_pause_and_kill_in_one_vm() {
     // moat-vmm runs jailed: a user of its own, not root.
     let pid = vmm_pids(&marker)[0].split(' ').next().unwrap().to_owned();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(
-        uid.split_whitespace()
+    let ids = |field: &str| -> Vec<u32> {
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        line.split_whitespace()
             .skip(1)
-            .all(|id| id.parse::<u32>().unwrap() > 0x7000_0000),
-        "moat-vmm is not jailed: {uid}"
+            .map(|id| id.parse().unwrap())
+            .collect()
+    };
+    let uid = ids("Uid:");
+    assert!(
+        uid.iter().all(|&id| id > 0x7000_0000),
+        "moat-vmm is not jailed: {uid:?}"
     );
+    // Its group is its own too, shared with no other VM.
+    assert_eq!(ids("Gid:"), uid);
 
     // Three containers of the pod at once, next to an exec in the first.
     let hi = run_in_thread(&c, &with_shm, "hi", &["cat", "/dev/shm/greeting"]);

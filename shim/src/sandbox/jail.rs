@@ -2,8 +2,8 @@
 //!
 //! Every moat-vmm switches to a uid that no other VM and no host account
 //! has, in the range `jail_id_base + 1 ..= jail_id_base + 65536`, and to
-//! the group `jail_id_base`, which all VMs share. No file belongs to that
-//! user: the VMM opens its first disks while still root, and the shim
+//! the group of the same number, as unshared. No file belongs to that user
+//! or group: the VMM opens its first disks while still root, and the shim
 //! passes it later ones already open. A VMM taken over by its guest thus
 //! cannot signal another VM nor open any file but what the world may;
 //! where the kernel has Landlock, it opens no file at all.
@@ -47,7 +47,7 @@ pub fn claim(state_dir: &Path, sandbox_dir: &Path, base: u32) -> io::Result<Jail
         .find(|uid| !used.contains(uid))
         .ok_or_else(|| io::Error::other(format!("all {JAIL_IDS} VM users are in use")))?;
     fs::write(sandbox_dir.join(JAIL_ID_FILE), uid.to_string())?;
-    Ok(JailIds { uid, gid: base })
+    Ok(JailIds { uid, gid: uid })
 }
 
 #[cfg(test)]
@@ -69,7 +69,7 @@ mod tests {
             a,
             JailIds {
                 uid: base + 1,
-                gid: base
+                gid: base + 1
             }
         );
         assert_eq!(b.uid, base + 2);

@@ -190,9 +190,10 @@ impl Sandbox {
             .map_err(io_error(format!("create {}", dir.display())))?;
 
         let jail = if cfg.jail {
-            let ids = jail::claim(&cfg.state_dir, dir, cfg.jail_id_base)
-                .map_err(io_error("claim a user for the VM"))?;
-            Some(ids)
+            Some(
+                jail::claim(&cfg.state_dir, dir, cfg.jail_id_base)
+                    .map_err(io_error("claim a user for the VM"))?,
+            )
         } else {
             None
         };
