@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::network::{NetworkError, PodNetwork};
 use crate::rootfs::cache::fnv1a;
 use crate::rootfs::Disk;
-use vmm::{BlockJson, JailJson, NetJson, SerialJson, VmJson, Vmm, VsockJson};
+use vmm::{BlockJson, NetJson, SerialJson, VmJson, Vmm, VsockJson};
 
 const VMM_PID_FILE: &str = "vmm.pid";
 
@@ -252,11 +252,7 @@ impl Sandbox {
             seccomp: cfg.seccomp,
             // Once jailed, the VMM opens no file: it holds what it opened
             // as root, and `attach` passes it later disks already open.
-            jail: jail.map(|ids| JailJson {
-                ids,
-                read_write: Vec::new(),
-                read_only: Vec::new(),
-            }),
+            jail,
         };
         let vmm = undo.vmm.insert(Vmm::spawn(
             &vmm_bin,

@@ -32,16 +32,10 @@ pub struct VmJson {
     pub rng: bool,
     pub api_socket: PathBuf,
     pub seccomp: bool,
+    /// Ids only: with no `read_write` or `read_only` paths, the jailed VMM
+    /// may open no file at all (it needs none; see `Vmm::replace_block`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub jail: Option<JailJson>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct JailJson {
-    #[serde(flatten)]
-    pub ids: JailIds,
-    pub read_write: Vec<PathBuf>,
-    pub read_only: Vec<PathBuf>,
+    pub jail: Option<JailIds>,
 }
 
 #[derive(Debug, Clone, Serialize)]
