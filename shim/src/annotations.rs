@@ -9,7 +9,9 @@ use std::collections::HashMap;
 
 use thiserror::Error;
 
-use crate::config::Config;
+use moat_vmm_api::limits::{MAX_MEMORY_MIB, MAX_VCPUS};
+
+use crate::config::{Config, MIN_MEMORY_MIB};
 
 pub const VCPUS: &str = "io.moat.vcpus";
 pub const MEMORY_MIB: &str = "io.moat.memory_mib";
@@ -17,11 +19,6 @@ pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
 pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
 pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
-
-pub const MAX_VCPUS: u32 = 254;
-pub const MIN_MEMORY_MIB: u32 = 64;
-/// Upper bound on guest memory, so a typo cannot ask for a terabyte.
-pub const MAX_MEMORY_MIB: u32 = 1 << 20;
 
 const MIB: u64 = 1 << 20;
 
@@ -85,7 +82,7 @@ pub fn vm_size(cfg: &Config, a: &HashMap<String, String>) -> Result<VmSize, Anno
         let extra = bytes.div_ceil(MIB);
         size.memory_mib = u32::try_from(u64::from(size.memory_mib) + extra)
             .ok()
-            .filter(|m| *m <= MAX_MEMORY_MIB)
+            .filter(|m| u64::from(*m) <= MAX_MEMORY_MIB)
             .ok_or_else(|| {
                 bad(
                     SANDBOX_MEMORY,
@@ -99,17 +96,21 @@ pub fn vm_size(cfg: &Config, a: &HashMap<String, String>) -> Result<VmSize, Anno
     if let Some(quota) = quota {
         let period = period.unwrap_or(100_000);
         let extra = u32::try_from(quota.div_ceil(period)).unwrap_or(u32::MAX);
-        size.vcpus = size.vcpus.saturating_add(extra).min(MAX_VCPUS);
+        size.vcpus = size.vcpus.saturating_add(extra).min(u32::from(MAX_VCPUS));
     }
 
     if let Some(v) = parse_u64(a, VCPUS)? {
         if v == 0 || v > u64::from(MAX_VCPUS) {
-            return Err(bad(VCPUS, &a[VCPUS], format!("expected 1 to {MAX_VCPUS}")));
+            return Err(bad(
+                VCPUS,
+                &a[VCPUS],
+                format!("expected 1 to {MAX_VCPUS} (moat-vmm's limit)"),
+            ));
         }
         size.vcpus = v as u32;
     }
     if let Some(v) = parse_u64(a, MEMORY_MIB)? {
-        if v < u64::from(MIN_MEMORY_MIB) || v > u64::from(MAX_MEMORY_MIB) {
+        if v < u64::from(MIN_MEMORY_MIB) || v > MAX_MEMORY_MIB {
             return Err(bad(
                 MEMORY_MIB,
                 &a[MEMORY_MIB],
@@ -207,6 +208,26 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains(k) && msg.contains(v), "{msg}");
         }
+    }
+
+    /// moat-vmm refuses more than its maximum; the pod is refused here,
+    /// at sizing time, with the limit named.
+    #[test]
+    fn more_vcpus_than_the_vmm_takes_are_refused_with_the_limit() {
+        let over = (u32::from(MAX_VCPUS) + 1).to_string();
+        let e = size(&[(VCPUS, &over)]).unwrap_err().to_string();
+        assert!(e.contains(&format!("1 to {MAX_VCPUS}")), "{e}");
+        assert_eq!(
+            size(&[(VCPUS, &MAX_VCPUS.to_string())]).unwrap().vcpus,
+            u32::from(MAX_VCPUS)
+        );
+        // A CRI quota above it gets the most the VMM takes.
+        let s = size(&[
+            (SANDBOX_CPU_QUOTA, "6400000"),
+            (SANDBOX_CPU_PERIOD, "100000"),
+        ])
+        .unwrap();
+        assert_eq!(s.vcpus, u32::from(MAX_VCPUS));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use moat_vmm_api::limits::{MAX_MEMORY_MIB, MAX_VCPUS};
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -16,6 +17,11 @@ const DEFAULT_KERNEL: &str = "/var/lib/moat/vmlinux";
 const DEFAULT_INITRAMFS: &str = "/var/lib/moat/initramfs.cpio";
 const DEFAULT_VMM: &str = "/usr/local/bin/moat-vmm";
 const VMM_NAME: &str = "moat-vmm";
+
+/// Least memory of a VM: moat's guest kernel and agent need this much,
+/// above moat-vmm's own floor.
+pub const MIN_MEMORY_MIB: u32 = 64;
+const _: () = assert!(MIN_MEMORY_MIB as u64 >= moat_vmm_api::limits::MIN_MEMORY_MIB);
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -84,6 +90,10 @@ pub struct Config {
     /// per VM). The default lies above the ranges that subuid files,
     /// systemd and systemd-nspawn hand out.
     pub jail_id_base: u32,
+    /// Whether a jailed moat-vmm may run where the kernel has no Landlock
+    /// (its files then limited by its uid alone); by default that is an
+    /// error.
+    pub allow_no_landlock: bool,
 }
 
 impl Default for Config {
@@ -107,6 +117,7 @@ impl Default for Config {
             agent_port: moat_protocol::DEFAULT_AGENT_PORT,
             jail: true,
             jail_id_base: 0x7000_0000,
+            allow_no_landlock: false,
         }
     }
 }
@@ -140,11 +151,15 @@ impl Config {
             path: path.to_owned(),
             reason: reason.to_owned(),
         };
-        if cfg.vcpus == 0 || cfg.vcpus > crate::annotations::MAX_VCPUS {
-            return Err(invalid("vcpus must be between 1 and 254"));
+        if cfg.vcpus == 0 || cfg.vcpus > u32::from(MAX_VCPUS) {
+            return Err(invalid(&format!(
+                "vcpus must be between 1 and {MAX_VCPUS} (moat-vmm's limit)"
+            )));
         }
-        if cfg.memory_mib < crate::annotations::MIN_MEMORY_MIB {
-            return Err(invalid("memory_mib must be at least 64"));
+        if cfg.memory_mib < MIN_MEMORY_MIB || u64::from(cfg.memory_mib) > MAX_MEMORY_MIB {
+            return Err(invalid(&format!(
+                "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"
+            )));
         }
         if cfg.boot_timeout_secs == 0 {
             return Err(invalid("boot_timeout_secs must be positive"));
@@ -226,6 +241,8 @@ mod tests {
         assert_eq!(c.upper, UpperKind::Tmpfs);
         assert_eq!(c.spare_block_slots, 3);
         assert_eq!(c.agent_timeout(), Duration::from_secs(45));
+        assert!(!c.allow_no_landlock);
+        assert!(parse("allow_no_landlock = true").unwrap().allow_no_landlock);
     }
 
     #[test]
@@ -239,6 +256,12 @@ mod tests {
         assert!(e.contains("agent_timeout_secs"), "{e}");
         let e = parse("vcpus = 0").unwrap_err().to_string();
         assert!(e.contains("vcpus"), "{e}");
+        // More than moat-vmm takes is refused here, with its limit.
+        let e = parse(&format!("vcpus = {}", MAX_VCPUS + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("between 1 and {MAX_VCPUS}")), "{e}");
+        parse(&format!("vcpus = {MAX_VCPUS}")).unwrap();
         let e = parse("memory_mib = 16").unwrap_err().to_string();
         assert!(e.contains("memory_mib"), "{e}");
         let e = parse("jail_id_base = 4294967000").unwrap_err().to_string();

@@ -1,5 +1,7 @@
 //! Guest physical address map (x86_64) and interrupt numbering.
 
+use moat_vmm_api::limits::MAX_VIRTIO_DEVICES;
+
 /// Boot GDT.
 pub const BOOT_GDT_START: u64 = 0x500;
 /// Boot IDT (empty; the kernel installs its own).
@@ -27,6 +29,8 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// IOAPIC pins for virtio-mmio devices (legacy ISA IRQs end below 5 here).
 pub const IRQ_BASE: u32 = 5;
 pub const IRQ_MAX: u32 = 23;
+// The contract's device limit is one device per pin from IRQ_BASE on.
+const _: () = assert!(IRQ_MAX - IRQ_BASE + 1 == MAX_VIRTIO_DEVICES as u32);
 /// 8250 serial (COM1) and its IRQ.
 pub const SERIAL_PORT: u64 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
@@ -44,6 +48,3 @@ pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 pub fn virtio_mmio_base(index: u32) -> u64 {
     VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE
 }
-
-/// Maximum number of virtio-mmio devices (one IRQ each).
-pub const MAX_VIRTIO_DEVICES: u32 = IRQ_MAX - IRQ_BASE + 1;

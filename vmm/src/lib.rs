@@ -1,7 +1,9 @@
 //! moat-vmm: a small KVM virtual machine monitor for moat microVMs.
 //!
 //! Layout:
-//! - [`config`]: the VM configuration (JSON file or flags) and its checks;
+//! - the VM configuration (JSON file or flags), its limits and checks, and
+//!   the control API's bodies live in the `moat_vmm_api` crate, shared with
+//!   every caller;
 //! - [`vmm`]: builds a VM from a config and runs it to the end;
 //! - [`layout`]: the guest physical address map;
 //! - [`arch`]: kernel loading, boot protocols, initial vCPU state;
@@ -14,7 +16,6 @@
 
 pub mod api;
 pub mod arch;
-pub mod config;
 pub mod devices;
 pub mod host;
 pub mod layout;

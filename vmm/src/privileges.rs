@@ -8,8 +8,8 @@
 //! leaves root's uid, which still owns most of the host's files, for an
 //! unprivileged one, and the host's network, IPC and UTS namespaces for
 //! empty ones: the taps and sockets it holds are all it can reach. A
-//! Landlock domain (where the kernel has Landlock) limits the files it may
-//! open from then on to the jail's `read_write` and `read_only` paths, and
+//! Landlock domain (required, unless the jail sets `allow_no_landlock`)
+//! limits the files it may open from then on to the jail's `read_write` and `read_only` paths, and
 //! keeps it from signalling any process outside itself: a chroot's effect
 //! on paths without a mount namespace to set up. Block files replaced later
 //! through the API are opened as that user, beneath those paths. This is
@@ -25,7 +25,7 @@ use landlock::{
     Scope, ABI,
 };
 
-use crate::config::JailConfig;
+use moat_vmm_api::JailConfig;
 
 #[derive(Debug, Error)]
 pub enum PrivilegeError {
@@ -43,6 +43,8 @@ pub enum PrivilegeError {
     NoDumps(#[source] std::io::Error),
     #[error("Cannot restrict file access with Landlock")]
     Landlock(#[source] landlock::RulesetError),
+    #[error("This kernel has no Landlock; the jail needs it unless allow_no_landlock is set")]
+    NoLandlock,
     #[error("Cannot switch to the jail's {what} (moat-vmm must start as root to use a jail)")]
     Credentials {
         what: &'static str,
@@ -105,15 +107,8 @@ fn enter_jail(jail: &JailConfig) -> Result<(), PrivilegeError> {
         return Err(PrivilegeError::Unshare(std::io::Error::last_os_error()));
     }
     // While still root, so every listed path can be opened for its rule.
-    match restrict_paths(jail).map_err(PrivilegeError::Landlock)? {
-        RulesetStatus::FullyEnforced => log::debug!("Landlock restricts file access"),
-        RulesetStatus::PartiallyEnforced => {
-            log::info!("Landlock restricts file access as far as this kernel can")
-        }
-        RulesetStatus::NotEnforced => log::warn!(
-            "This kernel has no Landlock: file access in the jail is limited by its uid only"
-        ),
-    }
+    let status = restrict_paths(jail).map_err(PrivilegeError::Landlock)?;
+    check_landlock(status, jail.allow_no_landlock)?;
     let check = |what: &'static str, r: libc::c_int| {
         if r < 0 {
             Err(PrivilegeError::Credentials {
@@ -137,6 +132,21 @@ fn enter_jail(jail: &JailConfig) -> Result<(), PrivilegeError> {
     check("user", unsafe {
         libc::setresuid(jail.uid, jail.uid, jail.uid)
     })
+}
+
+/// A jail without Landlock is an error unless the jail allows it.
+fn check_landlock(status: RulesetStatus, allow_none: bool) -> Result<(), PrivilegeError> {
+    match status {
+        RulesetStatus::FullyEnforced => log::debug!("Landlock restricts file access"),
+        RulesetStatus::PartiallyEnforced => {
+            log::info!("Landlock restricts file access as far as this kernel can")
+        }
+        RulesetStatus::NotEnforced if allow_none => log::warn!(
+            "This kernel has no Landlock: file access in the jail is limited by its uid only"
+        ),
+        RulesetStatus::NotEnforced => return Err(PrivilegeError::NoLandlock),
+    }
+    Ok(())
 }
 
 /// Puts the calling thread (and every later thread) in a Landlock domain:
@@ -204,4 +214,19 @@ fn clear_capabilities() -> Result<(), PrivilegeError> {
         return Err(PrivilegeError::Capset(std::io::Error::last_os_error()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_without_landlock_fails_the_jail_unless_allowed() {
+        let err = check_landlock(RulesetStatus::NotEnforced, false).unwrap_err();
+        assert!(matches!(err, PrivilegeError::NoLandlock));
+        assert!(err.to_string().contains("allow_no_landlock"), "{err}");
+        check_landlock(RulesetStatus::NotEnforced, true).unwrap();
+        check_landlock(RulesetStatus::PartiallyEnforced, false).unwrap();
+        check_landlock(RulesetStatus::FullyEnforced, false).unwrap();
+    }
 }

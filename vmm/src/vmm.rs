@@ -13,12 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiError, ApiServer, VmControl};
 use crate::arch::{boot, mptable};
-use crate::config::{SerialOutput, VmConfig};
 use crate::devices::legacy::{BootTimer, SerialDevice, I8042};
 use crate::devices::virtio::block::BlockSource;
 use crate::devices::virtio::{self, VirtioDevice};
@@ -26,11 +24,12 @@ use crate::devices::{Bus, BusDevice};
 use crate::layout::*;
 use crate::seccomp::{self, ThreadKind};
 use crate::vstate::{ExitCode, Vcpus, Vm};
+use moat_vmm_api::{SerialOutput, VmConfig, VmInfo, VmState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] moat_vmm_api::ConfigError),
     #[error(transparent)]
     Vm(#[from] crate::vstate::VmError),
     #[error(transparent)]
@@ -121,7 +120,7 @@ fn create_devices(cfg: &VmConfig) -> Result<(Vec<Box<dyn VirtioDevice>>, BlockHa
             (None, Some(fd)) => virtio::net::TapSource::Fd(fd),
             (None, None) => unreachable!("validated: a net device has a tap or a tap_fd"),
         };
-        let mac = n.mac.as_deref().map(crate::config::parse_mac).transpose()?;
+        let mac = n.mac.as_deref().map(moat_vmm_api::parse_mac).transpose()?;
         let dev = virtio::net::Net::new(virtio::net::NetConfig {
             id: n.id.clone(),
             tap,
@@ -168,13 +167,16 @@ struct Controller {
 }
 
 impl VmControl for Controller {
-    fn state(&self) -> serde_json::Value {
+    fn state(&self) -> VmInfo {
         let state = if self.vcpus.is_paused() {
-            "Paused"
+            VmState::Paused
         } else {
-            "Running"
+            VmState::Running
         };
-        json!({ "state": state, "boot_time_us": *self.boot_time_us.lock().unwrap() })
+        VmInfo {
+            state,
+            boot_time_us: *self.boot_time_us.lock().unwrap(),
+        }
     }
 
     fn pause(&self) -> Result<(), ApiError> {

@@ -18,20 +18,16 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
+use moat_vmm_api::JailConfig;
+
 /// How many VMs can hold a uid at once.
 pub const JAIL_IDS: u32 = 65536;
 const JAIL_ID_FILE: &str = "jail-id";
 
-/// The credentials one VM runs with (moat-vmm's `jail.uid` and `jail.gid`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct JailIds {
-    pub uid: u32,
-    pub gid: u32,
-}
-
 /// Claims a free uid for the sandbox in `sandbox_dir` (a directory right
-/// below `state_dir`). Claims are serialised by a lock on `state_dir`.
-pub fn claim(state_dir: &Path, sandbox_dir: &Path, base: u32) -> io::Result<JailIds> {
+/// below `state_dir`) and returns the VM's jail: that user and the group
+/// of the same number. Claims are serialised by a lock on `state_dir`.
+pub fn claim(state_dir: &Path, sandbox_dir: &Path, base: u32) -> io::Result<JailConfig> {
     let root = File::open(state_dir)?;
     // SAFETY: flock on a descriptor we own; released when `root` closes.
     if unsafe { libc::flock(root.as_raw_fd(), libc::LOCK_EX) } < 0 {
@@ -47,7 +43,7 @@ pub fn claim(state_dir: &Path, sandbox_dir: &Path, base: u32) -> io::Result<Jail
         .find(|uid| !used.contains(uid))
         .ok_or_else(|| io::Error::other(format!("all {JAIL_IDS} VM users are in use")))?;
     fs::write(sandbox_dir.join(JAIL_ID_FILE), uid.to_string())?;
-    Ok(JailIds { uid, gid: uid })
+    Ok(JailConfig::new(uid, uid))
 }
 
 #[cfg(test)]
@@ -65,13 +61,7 @@ mod tests {
         }
         let a = claim(t.path(), &dirs[0], base).unwrap();
         let b = claim(t.path(), &dirs[1], base).unwrap();
-        assert_eq!(
-            a,
-            JailIds {
-                uid: base + 1,
-                gid: base + 1
-            }
-        );
+        assert_eq!(a, JailConfig::new(base + 1, base + 1));
         assert_eq!(b.uid, base + 2);
         // A removed sandbox frees its uid for the next one.
         fs::remove_dir_all(&dirs[0]).unwrap();

@@ -6,6 +6,7 @@ pub mod vmm;
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::RawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -19,12 +20,22 @@ use crate::config::Config;
 use crate::network::{NetworkError, PodNetwork};
 use crate::rootfs::cache::fnv1a;
 use crate::rootfs::Disk;
-use vmm::{BlockJson, NetJson, SerialJson, VmJson, Vmm, VsockJson};
+use moat_vmm_api::limits::MAX_VIRTIO_DEVICES;
+use moat_vmm_api::{
+    BlockConfig, ClientError as VmmClientError, ConfigError, JailConfig, NetConfig, SerialOutput,
+    VmConfig, VsockConfig,
+};
+use vmm::Vmm;
 
 const VMM_PID_FILE: &str = "vmm.pid";
+const VSOCK_SOCKET: &str = "vsock.sock";
 
-/// virtio-mmio devices are limited (19 IRQs); vsock and rng take two.
-pub const MAX_BLOCK_SLOTS: usize = 16;
+/// Block slots and network interfaces together: every VM also has a vsock
+/// and an rng device, and moat-vmm takes at most [`MAX_VIRTIO_DEVICES`].
+pub const MAX_BLOCK_SLOTS: usize = MAX_VIRTIO_DEVICES - 2;
+
+/// The guest's vsock CID (each VM has a vsock device of its own).
+const GUEST_CID: u64 = 3;
 
 #[derive(Debug, Error)]
 pub enum SandboxError {
@@ -37,6 +48,13 @@ pub enum SandboxError {
     },
     #[error("VMM API error: {0}")]
     Api(String),
+    #[error("failed to {what}: {}", with_causes(source))]
+    VmmApi {
+        what: String,
+        source: VmmClientError,
+    },
+    #[error("invalid VM configuration: {0}")]
+    VmConfig(#[from] ConfigError),
     #[error("moat-vmm exited during boot ({status}); vmm log: {log}; console: {console}")]
     VmmExited {
         status: String,
@@ -55,6 +73,17 @@ pub enum SandboxError {
     NoBlockSlot,
     #[error("pod network: {0}")]
     Network(#[from] NetworkError),
+}
+
+/// An error and its causes on one line, as the shim's other errors read.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
 }
 
 /// The state directory of a sandbox: `<state_dir>/<id>`, with long ids
@@ -179,7 +208,7 @@ impl Sandbox {
         }
         let taps = network.map(PodNetwork::taps).unwrap_or_default();
         // Each interface takes an interrupt a block slot would have had.
-        let max_slots = MAX_BLOCK_SLOTS - taps.len();
+        let max_slots = MAX_BLOCK_SLOTS.saturating_sub(taps.len());
         if disks.len() > max_slots {
             return Err(SandboxError::NoBlockSlot);
         }
@@ -202,61 +231,12 @@ impl Sandbox {
             n.record(dir).map_err(io_error("record the pod network"))?;
         }
         let spares = spare_slots.min(max_slots - disks.len());
-        let mut slots = Vec::new();
-        let mut block = Vec::new();
-        for i in 0..disks.len() + spares {
-            let id = format!("b{i}");
-            let disk = disks.get(i);
-            block.push(BlockJson {
-                id: id.clone(),
-                path: disk.map(|d| d.path.clone()),
-                read_only: disk.is_some_and(|d| d.read_only),
-                serial: id.clone(),
-            });
-            slots.push(Slot {
-                id,
-                path: disk.map(|d| d.path.clone()),
-                users: usize::from(disk.is_some()),
-            });
-        }
-        let vsock = dir.join("vsock.sock");
-        let api = dir.join("api.sock");
-        let mut cmdline = format!("moat.port={}", cfg.agent_port);
-        if !cfg.kernel_cmdline.is_empty() {
-            cmdline.push(' ');
-            cmdline.push_str(&cfg.kernel_cmdline);
-        }
-        let json = VmJson {
-            kernel: cfg.kernel.clone(),
-            initramfs: cfg.initramfs.clone(),
-            cmdline,
-            vcpus: size.vcpus,
-            memory_mib: size.memory_mib,
-            serial: SerialJson::File(dir.join("console.log")),
-            block,
-            net: taps
-                .iter()
-                .enumerate()
-                .map(|(i, (fd, mac))| NetJson {
-                    id: format!("net{i}"),
-                    tap_fd: *fd,
-                    mac: mac.clone(),
-                })
-                .collect(),
-            vsock: VsockJson {
-                guest_cid: 3,
-                uds_path: vsock.clone(),
-            },
-            rng: true,
-            api_socket: api,
-            seccomp: cfg.seccomp,
-            // Once jailed, the VMM opens no file: it holds what it opened
-            // as root, and `attach` passes it later disks already open.
-            jail,
-        };
+        let (block, slots) = block_slots(disks, spares);
+        let config = vm_config(cfg, dir, size, block, &taps, jail)?;
+        let vsock = dir.join(VSOCK_SOCKET);
         let vmm = undo.vmm.insert(Vmm::spawn(
             &vmm_bin,
-            &json,
+            &config,
             &dir.join("vm.json"),
             &dir.join("vmm.log"),
             taps.iter().map(|(fd, _)| *fd).collect(),
@@ -386,6 +366,82 @@ impl Sandbox {
         }
         log::info!("sandbox {}: VM stopped", self.id);
     }
+}
+
+/// Block slots `b0`, `b1`, ...: `disks` first, then `spares` empty ones.
+fn block_slots(disks: &[Disk], spares: usize) -> (Vec<BlockConfig>, Vec<Slot>) {
+    let mut block = Vec::new();
+    let mut slots = Vec::new();
+    for i in 0..disks.len() + spares {
+        let id = format!("b{i}");
+        let disk = disks.get(i);
+        block.push(BlockConfig {
+            id: id.clone(),
+            path: disk.map(|d| d.path.clone()),
+            read_only: disk.is_some_and(|d| d.read_only),
+            serial: Some(id.clone()),
+        });
+        slots.push(Slot {
+            id,
+            path: disk.map(|d| d.path.clone()),
+            users: usize::from(disk.is_some()),
+        });
+    }
+    (block, slots)
+}
+
+/// The VM moat-vmm is asked for, in `jail` (if any) as far as the config
+/// allows, checked against moat-vmm's limits so that a VM it would refuse
+/// fails here, with the limit in the error.
+fn vm_config(
+    cfg: &Config,
+    dir: &Path,
+    size: VmSize,
+    block: Vec<BlockConfig>,
+    taps: &[(RawFd, String)],
+    jail: Option<JailConfig>,
+) -> Result<VmConfig, SandboxError> {
+    let vcpus = u8::try_from(size.vcpus).map_err(|_| ConfigError::Vcpus(u64::from(size.vcpus)))?;
+    let mut cmdline = format!("moat.port={}", cfg.agent_port);
+    if !cfg.kernel_cmdline.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&cfg.kernel_cmdline);
+    }
+    let net = taps
+        .iter()
+        .enumerate()
+        .map(|(i, (fd, mac))| NetConfig {
+            id: format!("net{i}"),
+            tap: None,
+            tap_fd: Some(*fd),
+            mac: Some(mac.clone()),
+        })
+        .collect();
+    let config = VmConfig {
+        initramfs: Some(cfg.initramfs.clone()),
+        cmdline,
+        vcpus,
+        memory_mib: u64::from(size.memory_mib),
+        serial: SerialOutput::File(dir.join("console.log")),
+        block,
+        net,
+        vsock: Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: dir.join(VSOCK_SOCKET),
+        }),
+        rng: true,
+        api_socket: Some(dir.join("api.sock")),
+        seccomp: cfg.seccomp,
+        // Ids only: once jailed, the VMM opens no file. It holds what it
+        // opened as root, and `attach` passes it later disks already open.
+        jail: jail.map(|j| JailConfig {
+            allow_no_landlock: cfg.allow_no_landlock,
+            ..j
+        }),
+        ..VmConfig::new(cfg.kernel.clone())
+    };
+    config.check_limits()?;
+    Ok(config)
 }
 
 /// Cleans up after a shim that died (`shim delete`): removes the container's
@@ -535,6 +591,76 @@ mod tests {
         let json: serde_json::Value =
             serde_json::from_slice(&fs::read(dir.join("vm.json")).unwrap()).unwrap();
         assert_eq!(json["block"].as_array().unwrap().len(), 8);
+    }
+
+    /// Files the boot checks for, and a "VMM" that leaves a mark if it runs.
+    fn fake_vm_files(c: &Config, mark: &Path) {
+        fs::write(&c.kernel, "k").unwrap();
+        fs::write(&c.initramfs, "i").unwrap();
+        let vmm = c.vmm.clone().unwrap();
+        fs::write(
+            &vmm,
+            format!("#!/bin/sh\ntouch {}\nexit 1\n", mark.display()),
+        )
+        .unwrap();
+        fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+
+    /// moat-vmm refuses more vCPUs than its maximum: such a VM fails in
+    /// the shim, naming the limit, and no VMM is started.
+    #[test]
+    fn a_vm_the_vmm_would_refuse_fails_before_it_starts() {
+        let t = TempDir::new("toobig");
+        let c = cfg(t.path());
+        let mark = t.path().join("vmm-ran");
+        fake_vm_files(&c, &mark);
+        let dir = sandbox_dir(&c, "sb4");
+        let size = VmSize {
+            vcpus: u32::from(moat_vmm_api::limits::MAX_VCPUS) + 1,
+            memory_mib: 128,
+        };
+        let e = Sandbox::boot(&c, "sb4", &dir, size, &[], 8, None)
+            .err()
+            .unwrap();
+        assert!(matches!(e, SandboxError::VmConfig(_)), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("between 1 and 32"), "{msg}");
+        assert!(!mark.exists(), "moat-vmm was started");
+    }
+
+    #[test]
+    fn the_vm_config_is_one_moat_vmm_takes() {
+        let t = TempDir::new("vmcfg");
+        let mut c = cfg(t.path());
+        let dir = t.path().join("sb");
+        let size = VmSize {
+            vcpus: 2,
+            memory_mib: 512,
+        };
+        let disks = [Disk {
+            path: "/l.erofs".into(),
+            fs_type: "erofs".into(),
+            read_only: true,
+        }];
+        let (block, slots) = block_slots(&disks, 2);
+        assert_eq!(slots.len(), 3);
+        let taps = [(7, "02:00:00:00:00:01".to_string())];
+        let jail = Some(JailConfig::new(1000, 1000));
+        let v = vm_config(&c, &dir, size, block.clone(), &taps, jail.clone()).unwrap();
+        assert_eq!(v.block[0].path.as_deref(), Some(Path::new("/l.erofs")));
+        assert_eq!(v.block[2].path, None);
+        assert_eq!(v.net[0].tap_fd, Some(7));
+        assert_eq!(v.serial, SerialOutput::File(dir.join("console.log")));
+        assert!(v.cmdline.starts_with("moat.port="));
+        // Landlock is required unless the shim's config says otherwise.
+        assert!(!v.jail.unwrap().allow_no_landlock);
+        c.allow_no_landlock = true;
+        let v = vm_config(&c, &dir, size, block, &taps, jail).unwrap();
+        assert!(v.jail.unwrap().allow_no_landlock);
+        // More block slots and interfaces than moat-vmm takes are refused.
+        let (block, _) = block_slots(&[], MAX_BLOCK_SLOTS);
+        let e = vm_config(&c, &dir, size, block, &taps, None).unwrap_err();
+        assert!(e.to_string().contains("at most 19"), "{e}");
     }
 
     /// A "VMM" that never brings up an agent hits the boot timeout and is killed.

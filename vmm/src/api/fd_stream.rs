@@ -6,12 +6,11 @@ use std::io::{self, Read};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
+// Descriptors kept at once, so a client cannot fill the VMM's descriptor
+// table: more in one message fail the read (ENOBUFS), more over several
+// messages are closed as they arrive.
+use moat_vmm_api::limits::MAX_API_FDS as MAX_FDS;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-
-/// Descriptors kept at once, so a client cannot fill the VMM's descriptor
-/// table: more in one message fail the read (ENOBUFS), more over several
-/// messages are closed as they arrive.
-pub const MAX_FDS: usize = 4;
 
 pub struct FdStream {
     stream: UnixStream,

@@ -3,9 +3,10 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 
+use moat_vmm_api::limits::MAX_API_REQUEST_BODY as MAX_BODY_BYTES;
+
 /// Bounds on what a client may send, so a bad client cannot grow our memory.
 const MAX_HEADER_BYTES: usize = 8 * 1024;
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Request {

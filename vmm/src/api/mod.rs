@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use moat_vmm_api::api::{self as wire, BlockRequest, ShutdownRequest, VmInfo};
+use moat_vmm_api::limits::MAX_API_FDS;
 use serde::Deserialize;
 use serde_json::json;
 use vmm_sys_util::eventfd::EventFd;
@@ -22,7 +24,7 @@ use http::{read_request, write_response, HttpError, Request};
 
 /// What the API can do to the running VM.
 pub trait VmControl: Send + Sync {
-    fn state(&self) -> serde_json::Value;
+    fn state(&self) -> VmInfo;
     fn pause(&self) -> Result<(), ApiError>;
     fn resume(&self) -> Result<(), ApiError>;
     /// Asks the guest to stop, then stops it hard after `timeout`.
@@ -62,42 +64,32 @@ pub enum ServerError {
     Spawn(#[source] std::io::Error),
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ShutdownBody {
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BlockBody {
-    /// None: the file is the one descriptor passed with the request.
-    #[serde(default)]
-    path: Option<PathBuf>,
-    #[serde(default)]
-    read_only: bool,
-}
-
-impl BlockBody {
-    fn source(self, mut fds: Vec<OwnedFd>) -> Result<BlockSource, ApiError> {
-        match (self.path, fds.len()) {
-            (Some(path), 0) => Ok(BlockSource::Path(path)),
-            (None, 1) => Ok(BlockSource::Fd(fds.remove(0))),
-            (Some(_), _) => Err(ApiError::BadRequest(
-                "Give either a path or a file descriptor, not both".into(),
-            )),
-            (None, 0) => Err(ApiError::BadRequest(
-                "Give a path, or pass the file's descriptor with the request".into(),
-            )),
-            (None, n) => Err(ApiError::BadRequest(format!(
-                "Pass one file descriptor, not {n}"
-            ))),
-        }
+/// The block file a request names: its path, or the one descriptor that
+/// came with it.
+fn block_source(req: BlockRequest, mut fds: Vec<OwnedFd>) -> Result<BlockSource, ApiError> {
+    match (req.path, fds.len()) {
+        (Some(path), 0) => Ok(BlockSource::Path(path)),
+        (None, 1) => Ok(BlockSource::Fd(fds.remove(0))),
+        (Some(_), _) => Err(ApiError::BadRequest(
+            "Give either a path or a file descriptor, not both".into(),
+        )),
+        (None, 0) => Err(ApiError::BadRequest(
+            "Give a path, or pass the file's descriptor with the request".into(),
+        )),
+        (None, n) => Err(ApiError::BadRequest(format!(
+            "Pass one file descriptor, not {n}"
+        ))),
     }
 }
 
-const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+fn shutdown_timeout(req: ShutdownRequest) -> Result<Duration, ApiError> {
+    req.timeout().ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "timeout_ms must be at most {}",
+            ShutdownRequest::MAX_TIMEOUT.as_millis()
+        ))
+    })
+}
 
 fn body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, ApiError> {
     let raw: &[u8] = if req.body.is_empty() {
@@ -112,20 +104,19 @@ fn body<'a, T: Deserialize<'a>>(req: &'a Request) -> Result<T, ApiError> {
 /// request does not use are closed); returns status and JSON body.
 pub fn handle(ctl: &dyn VmControl, req: &Request, fds: Vec<OwnedFd>) -> (u16, serde_json::Value) {
     let result = match (req.method.as_str(), req.path.as_str()) {
-        ("GET", "/vm") => return (200, ctl.state()),
-        ("PUT", "/vm/pause") => ctl.pause(),
-        ("PUT", "/vm/resume") => ctl.resume(),
-        ("PUT", "/vm/shutdown") => body::<ShutdownBody>(req).and_then(|b| {
-            let timeout = b
-                .timeout_ms
-                .map_or(DEFAULT_SHUTDOWN_TIMEOUT, Duration::from_millis);
-            ctl.shutdown(timeout)
-        }),
-        ("PUT", path) if path.starts_with("/block/") => body::<BlockBody>(req).and_then(|b| {
-            let read_only = b.read_only;
-            ctl.replace_block(&path["/block/".len()..], b.source(fds)?, read_only)
-        }),
-        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown") => {
+        ("GET", wire::VM) => return (200, info(ctl)),
+        ("PUT", wire::PAUSE) => ctl.pause(),
+        ("PUT", wire::RESUME) => ctl.resume(),
+        ("PUT", wire::SHUTDOWN) => body::<ShutdownRequest>(req)
+            .and_then(shutdown_timeout)
+            .and_then(|timeout| ctl.shutdown(timeout)),
+        ("PUT", path) if path.starts_with(wire::BLOCK_PREFIX) => body::<BlockRequest>(req)
+            .and_then(|b| {
+                let read_only = b.read_only;
+                let id = &path[wire::BLOCK_PREFIX.len()..];
+                ctl.replace_block(id, block_source(b, fds)?, read_only)
+            }),
+        (_, wire::VM | wire::PAUSE | wire::RESUME | wire::SHUTDOWN) => {
             return (
                 405,
                 json!({ "error": format!("{} is not allowed on {}", req.method, req.path) }),
@@ -137,9 +128,13 @@ pub fn handle(ctl: &dyn VmControl, req: &Request, fds: Vec<OwnedFd>) -> (u16, se
         ))),
     };
     match result {
-        Ok(()) => (200, ctl.state()),
+        Ok(()) => (200, info(ctl)),
         Err(e) => (e.status(), json!({ "error": e.to_string() })),
     }
+}
+
+fn info(ctl: &dyn VmControl) -> serde_json::Value {
+    serde_json::to_value(ctl.state()).expect("VmInfo always serializes")
 }
 
 fn serve_connection(ctl: &dyn VmControl, stream: UnixStream) {
@@ -159,7 +154,7 @@ fn serve_connection(ctl: &dyn VmControl, stream: UnixStream) {
                 (status, body, req.keep_alive)
             }
             Err(HttpError::Io(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                let error = format!("Pass at most {} file descriptors", fd_stream::MAX_FDS);
+                let error = format!("Pass at most {MAX_API_FDS} file descriptors");
                 (400, json!({ "error": error }), false)
             }
             Err(HttpError::Closed) | Err(HttpError::Io(_)) => return,
@@ -271,8 +266,11 @@ mod tests {
         calls: Mutex<Vec<String>>,
     }
     impl VmControl for Fake {
-        fn state(&self) -> serde_json::Value {
-            json!({ "state": "Running" })
+        fn state(&self) -> VmInfo {
+            VmInfo {
+                state: wire::VmState::Running,
+                boot_time_us: None,
+            }
         }
         fn pause(&self) -> Result<(), ApiError> {
             self.calls.lock().unwrap().push("pause".into());
@@ -328,6 +326,14 @@ mod tests {
             handle(&f, &req("PUT", "/vm/shutdown", r#"{"timeout":10}"#), vec![]).0,
             400
         );
+        // A wait that would hold the API thread for long is refused.
+        let (code, body) = handle(
+            &f,
+            &req("PUT", "/vm/shutdown", r#"{"timeout_ms":86400000}"#),
+            vec![],
+        );
+        assert_eq!(code, 400);
+        assert!(body["error"].as_str().unwrap().contains("at most 60000"));
         assert_eq!(
             handle(
                 &f,
@@ -392,7 +398,10 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
-        assert!(out.ends_with(r#"{"state":"Running"}"#), "{out}");
+        assert!(
+            out.ends_with(r#"{"boot_time_us":null,"state":"Running"}"#),
+            "{out}"
+        );
         let mut s = UnixStream::connect(&path).unwrap();
         s.write_all(b"BROKEN\r\n\r\n").unwrap();
         let mut out = String::new();

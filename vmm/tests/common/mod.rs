@@ -6,9 +6,8 @@
 #![allow(dead_code)]
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -415,12 +414,13 @@ pub fn make_image(path: &Path, sectors: u64) {
     std::fs::write(path, data).unwrap();
 }
 
-/// One HTTP/1.1 request to the control API; returns (status, body).
+/// One request to the control API; returns (status, body).
 pub fn api(socket: &Path, method: &str, path: &str, body: &str) -> io::Result<(u16, String)> {
     api_passing(socket, method, path, body, None)
 }
 
-/// [`api`], passing `fd` along with the request's bytes (SCM_RIGHTS).
+/// [`api`], passing `fd` along with the request's bytes (SCM_RIGHTS),
+/// through the client every caller of moat-vmm uses.
 pub fn api_passing(
     socket: &Path,
     method: &str,
@@ -428,33 +428,11 @@ pub fn api_passing(
     body: &str,
     fd: Option<&File>,
 ) -> io::Result<(u16, String)> {
-    let mut s = UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: moat\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut sent = 0;
-    if let Some(fd) = fd {
-        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-        sent = s
-            .send_with_fd(request.as_bytes(), fd.as_raw_fd())
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-    }
-    s.write_all(&request.as_bytes()[sent..])?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| io::Error::other(format!("bad HTTP response {resp:?}")))?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Ok((status, body))
+    let client = moat_vmm_api::ApiClient::new(socket).with_timeout(Duration::from_secs(30));
+    let r = client
+        .request(method, path, body, fd.map(|f| f.as_fd()))
+        .map_err(io::Error::other)?;
+    Ok((r.status, r.body))
 }
 
 /// A network namespace with a tap device in it, deleted on drop.
