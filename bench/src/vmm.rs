@@ -18,6 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
+use moat_vmm_api::VmConfig;
 use serde::Serialize;
 use serde_json::json;
 
@@ -37,6 +38,8 @@ pub struct Opts {
     pub runs: usize,
     pub json: Option<String>,
     pub vm_args: Vec<String>,
+    /// The VM `vm_args` describe, as moat-vmm reads them.
+    pub vm: VmConfig,
     pub ready_marker: Option<String>,
     pub timeout: Duration,
 }
@@ -47,6 +50,7 @@ pub fn parse_args(args: &[String], default_vmm: String) -> Result<Opts, String> 
         runs: 5,
         json: None,
         vm_args: vec![],
+        vm: VmConfig::new(Default::default()),
         ready_marker: None,
         timeout: Duration::from_secs(300),
     };
@@ -72,18 +76,16 @@ pub fn parse_args(args: &[String], default_vmm: String) -> Result<Opts, String> 
     if !o.vm_args.iter().any(|a| a == "--kernel") {
         return Err("--kernel is required".into());
     }
+    // A VM moat-vmm would refuse fails here, before any run.
+    o.vm = VmConfig::from_args(o.vm_args.clone()).map_err(|e| e.to_string())?;
+    o.vm.check_limits().map_err(|e| e.to_string())?;
     Ok(o)
 }
 
-/// The `uds=` paths of `--vsock` arguments: stale sockets from a killed
-/// run would make the next one fail.
-fn vsock_paths(vm_args: &[String]) -> Vec<String> {
-    vm_args
-        .windows(2)
-        .filter(|w| w[0] == "--vsock")
-        .flat_map(|w| w[1].split(','))
-        .filter_map(|kv| kv.strip_prefix("uds=").map(str::to_owned))
-        .collect()
+/// The vsock socket: a stale one from a killed run would make the next
+/// one fail.
+fn vsock_path(o: &Opts) -> Option<&Path> {
+    o.vm.vsock.as_ref().map(|v| v.uds_path.as_path())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -111,7 +113,7 @@ fn has_marker(text: &[u8], marker: &[u8]) -> bool {
 }
 
 fn one_run(o: &Opts) -> Result<Run, String> {
-    for p in vsock_paths(&o.vm_args) {
+    if let Some(p) = vsock_path(o) {
         let _ = std::fs::remove_file(p);
     }
     let t0 = Instant::now();
@@ -286,7 +288,7 @@ pub fn main(args: &[String]) {
             }
         }
     }
-    for p in vsock_paths(&o.vm_args) {
+    if let Some(p) = vsock_path(&o) {
         let _ = std::fs::remove_file(p);
     }
     let sums = summaries(&results);
@@ -294,7 +296,8 @@ pub fn main(args: &[String]) {
     println!(
         "| metric ({} runs, {}) | p50 | p90 | min | max | n |\n| --- | ---: | ---: | ---: | ---: | ---: |",
         results.len(),
-        Path::new(o.vm_args[o.vm_args.iter().position(|a| a == "--kernel").unwrap_or(0) + 1].as_str())
+        o.vm
+            .kernel
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
     );
@@ -390,13 +393,17 @@ mod tests {
         );
         assert_eq!(o.ready_marker.as_deref(), Some("moat-agent: ready"));
         assert_eq!(o.timeout, Duration::from_secs(90));
-        assert_eq!(vsock_paths(&o.vm_args), vec!["/tmp/v.sock".to_string()]);
+        assert_eq!(vsock_path(&o), Some(Path::new("/tmp/v.sock")));
+        assert_eq!(o.vm.jail.as_ref().map(|j| j.uid), Some(65534));
         for bad in [
             &["--runs", "3"][..],
             &["--kernel"],
             &["--kernel", "/k", "--runs", "0"],
             &["--kernel", "/k", "--timeout", "soon"],
             &["--kernel", "/k", "--serial", "stdout"],
+            // More vCPUs than moat-vmm takes, and a malformed device.
+            &["--kernel", "/k", "--vcpus", "33"],
+            &["--kernel", "/k", "--vsock", "cid=3"],
         ] {
             assert!(parse_args(&s(bad), "v".into()).is_err(), "{bad:?}");
         }
