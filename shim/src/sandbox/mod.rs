@@ -20,7 +20,7 @@ use crate::config::Config;
 use crate::network::{NetworkError, PodNetwork};
 use crate::rootfs::cache::fnv1a;
 use crate::rootfs::Disk;
-use moat_vmm_api::limits::MAX_VIRTIO_DEVICES;
+use moat_vmm_api::limits::{MAX_SOCKET_PATH, MAX_VIRTIO_DEVICES};
 use moat_vmm_api::{
     BlockConfig, ClientError as VmmClientError, ConfigError, JailConfig, NetConfig, SerialOutput,
     VmConfig, VsockConfig,
@@ -87,15 +87,20 @@ fn with_causes(e: &dyn std::error::Error) -> String {
 }
 
 /// The state directory of a sandbox: `<state_dir>/<id>`, with long ids
-/// shortened so that socket paths stay well under 108 bytes.
+/// shortened so that its socket paths stay within moat-vmm's limit.
 pub fn sandbox_dir(cfg: &Config, id: &str) -> PathBuf {
-    let name = if id.len() <= 64 && moat_protocol::ids::is_valid_id(id) {
+    // Room for the name in `<state_dir>/<name>/vsock.sock`.
+    let room = MAX_SOCKET_PATH
+        .saturating_sub(cfg.state_dir.as_os_str().len() + VSOCK_SOCKET.len() + 2)
+        .min(64);
+    let name = if id.len() <= room && moat_protocol::ids::is_valid_id(id) {
         id.to_owned()
     } else {
+        // A hash of the whole id, after as much of it as fits.
         let keep: String = id
             .chars()
             .filter(|c| c.is_ascii_alphanumeric())
-            .take(40)
+            .take(room.saturating_sub(17).min(40))
             .collect();
         format!("{keep}-{:016x}", fnv1a(id.as_bytes()))
     };
@@ -542,6 +547,18 @@ mod tests {
         assert_ne!(d, sandbox_dir(&c, &"x".repeat(77)));
         let odd = sandbox_dir(&c, "../evil");
         assert!(odd.starts_with("/run/moat/") && !odd.to_string_lossy().contains(".."));
+        // A CRI id (64 hex digits) below the longest state_dir the config
+        // takes still gives a vsock path moat-vmm accepts.
+        let c = Config {
+            state_dir: PathBuf::from(format!("/{}", "s".repeat(29))),
+            ..Config::default()
+        };
+        let cri_id = "0123456789abcdef".repeat(4);
+        let d = sandbox_dir(&c, &cri_id);
+        let vsock = d.join(VSOCK_SOCKET);
+        assert!(vsock.as_os_str().len() <= MAX_SOCKET_PATH, "{vsock:?}");
+        assert_ne!(d, sandbox_dir(&c, &"0123456789abcdef".repeat(5)));
+        assert_eq!(sandbox_dir(&c, "abc"), c.state_dir.join("abc"));
     }
 
     /// Boots a small VM with 8 spare slots, which must fail.
