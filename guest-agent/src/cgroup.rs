@@ -57,6 +57,7 @@ fn enable_controllers(dir: &Path) {
 /// A container's cgroup.
 #[derive(Debug, Clone)]
 pub struct Cgroup {
+    /// The cgroup's directory: `<cgroup root>/<container id>`.
     pub path: PathBuf,
 }
 
@@ -104,6 +105,8 @@ pub fn shares_to_weight(shares: u64) -> u64 {
 }
 
 impl Cgroup {
+    /// The cgroup of `container_id` under `root` (see [`init_root`]),
+    /// created if it does not exist yet.
     pub fn create(root: &Path, container_id: &str) -> Result<Cgroup> {
         let path = root.join(container_id);
         match fs::create_dir(&path) {
@@ -114,6 +117,7 @@ impl Cgroup {
         Ok(Cgroup { path })
     }
 
+    /// Its `cgroup.procs` file: writing a pid there moves that process in.
     pub fn procs_path(&self) -> PathBuf {
         self.path.join("cgroup.procs")
     }
@@ -185,6 +189,7 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Pids of the processes in the cgroup now; empty if it cannot be read.
     pub fn pids(&self) -> Vec<u32> {
         read(&self.path, "cgroup.procs")
             .unwrap_or_default()
@@ -193,6 +198,8 @@ impl Cgroup {
             .collect()
     }
 
+    /// How many processes the OOM killer has killed in the cgroup so far
+    /// (`oom_kill` of `memory.events`).
     pub fn oom_kills(&self) -> u64 {
         flat_keyed(
             &read(&self.path, "memory.events").unwrap_or_default(),
@@ -200,6 +207,8 @@ impl Cgroup {
         )
     }
 
+    /// Freezes (pause) or thaws (resume) every process in the cgroup. The
+    /// kernel completes the freeze asynchronously.
     pub fn freeze(&self, frozen: bool) -> Result<()> {
         write(&self.path, "cgroup.freeze", if frozen { "1" } else { "0" })
     }
@@ -230,6 +239,8 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Removes the (empty) cgroup, retrying EBUSY for up to 30 s while
+    /// the last exits finish; a cgroup already gone is fine.
     pub fn remove(&self) -> Result<()> {
         // The last exits may still be in flight: retry EBUSY briefly.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -245,6 +256,8 @@ impl Cgroup {
         }
     }
 
+    /// CPU, memory, pids and I/O statistics from the cgroup's files, as the
+    /// protocol's message; a file that cannot be read gives zeros.
     pub fn stats(&self) -> StatsResponse {
         let cpu = read(&self.path, "cpu.stat").unwrap_or_default();
         let mem_stat = read(&self.path, "memory.stat").unwrap_or_default();

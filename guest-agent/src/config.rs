@@ -9,18 +9,27 @@ pub const GLIBC_TUNABLES: &str = "glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL
 -AVX512DQ,-AVX512CD,-AVX_Usable,-AVX2_Usable,-AVX512F_Usable,-AVX512DQ_Usable,\
 -AVX_Fast_Unaligned_Load";
 
+/// Where the agent listens and where it keeps its state. [`Default`] is
+/// the in-guest setup; tests point the paths at temporary directories.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Transport of the ttrpc and stdio servers: vsock in the guest, unix
+    /// sockets in host tests.
     pub listen: Listen,
     /// ttrpc port; stdio is port + 1.
     pub port: u32,
+    /// Where the cgroup v2 hierarchy is (or gets) mounted.
     pub cgroup_mount: PathBuf,
     /// Parent of the containers' cgroups.
     pub cgroup_root: PathBuf,
     /// Agent state: containers/, shared/, network/.
     pub state_dir: PathBuf,
+    /// sysfs directory of block devices, searched for virtio-blk serials.
     pub sysfs_block: PathBuf,
+    /// sysfs directory of network interfaces, searched for MAC addresses.
     pub sys_class_net: PathBuf,
+    /// Log info and debug messages too (`moat.verbose`), not only warnings
+    /// and errors.
     pub verbose: bool,
     /// Kernel booted with emul_compat: no AVX in guest user space.
     pub emul_compat: bool,
@@ -46,10 +55,13 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Where CopyFile writes the files the host copies in (`<state>/shared`).
     pub fn shared_dir(&self) -> PathBuf {
         self.state_dir.join("shared")
     }
 
+    /// Where SetNetwork writes the pod's resolv.conf, hosts and hostname
+    /// files (`<state>/network`).
     pub fn network_dir(&self) -> PathBuf {
         self.state_dir.join("network")
     }

@@ -9,6 +9,8 @@ use moat_protocol::agent::GetEventResponse;
 /// Oldest events are dropped beyond this (a host that stopped listening).
 const MAX_QUEUED: usize = 4096;
 
+/// A bounded FIFO of events for the host, which takes them one by one
+/// with blocking GetEvent calls.
 #[derive(Default)]
 pub struct EventQueue {
     q: Mutex<VecDeque<GetEventResponse>>,
@@ -16,6 +18,8 @@ pub struct EventQueue {
 }
 
 impl EventQueue {
+    /// Queues an event and wakes one waiting [`pop`](EventQueue::pop); when
+    /// the queue is full the oldest event is dropped.
     pub fn push(&self, ev: GetEventResponse) {
         let mut q = self.q.lock().unwrap();
         if q.len() >= MAX_QUEUED {

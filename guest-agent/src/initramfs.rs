@@ -5,20 +5,36 @@
 use std::io::{self, Write};
 
 /// One archive member.
+///
+/// Paths are relative to the archive root, without a leading slash (e.g.
+/// `dev/console`); a member's parent directories must come before it.
+/// Modes are permission bits only: the file type is added from the variant.
 pub enum Entry<'a> {
+    /// A directory.
     Dir {
+        /// Where it goes.
         path: &'a str,
+        /// Permission bits, e.g. 0o755.
         mode: u32,
     },
+    /// A regular file with its contents.
     File {
+        /// Where it goes.
         path: &'a str,
+        /// Permission bits, e.g. 0o755.
         mode: u32,
+        /// The file's bytes.
         data: &'a [u8],
     },
+    /// A character device node.
     CharDev {
+        /// Where it goes.
         path: &'a str,
+        /// Permission bits, e.g. 0o600.
         mode: u32,
+        /// Device major number.
         major: u32,
+        /// Device minor number.
         minor: u32,
     },
 }

@@ -2,6 +2,23 @@
 //!
 //! Library so the integration tests and the lead's VM tests can share the
 //! scenario code in [`scenarios`]; the binary is `main.rs`.
+//!
+//! Layout:
+//! - [`init`]: PID 1 duties (basic mounts, loopback, power-off);
+//!   [`config`]: the agent's settings, from the kernel command line (or
+//!   flags in tests);
+//! - [`server`]: the ttrpc service, over [`transport`]'s vsock or unix
+//!   listeners; [`error`] maps failures onto ttrpc codes;
+//! - [`container`]: container and process lifecycle, built on [`process`]
+//!   (fork, namespaces, exec), [`mount`] (rootfs and volumes, through the
+//!   [`syscall`] trait), [`cgroup`], [`seccomp`] (with [`syscall_table`])
+//!   and [`oci`] (the spec types);
+//! - [`stdio`]: the stdio-stream port and each process's pipes or pty;
+//! - [`reaper`], [`events`], [`oom`]: exit statuses, and the exit/OOM
+//!   events the host takes with GetEvent;
+//! - [`network`] and [`files`]: SetNetwork and CopyFile;
+//! - [`initramfs`]: the cpio writer behind `moat-mkinitramfs`;
+//! - [`logger`]: console logging.
 
 pub mod cgroup;
 pub mod config;

@@ -25,6 +25,9 @@ impl log::Log for Console {
     fn flush(&self) {}
 }
 
+/// Installs the console logger (stderr, which PID 1 has on the console);
+/// `verbose` lowers the level from warnings to debug. Later calls only
+/// change the level.
 pub fn init(verbose: bool) {
     static LOGGER: Console = Console;
     let _ = log::set_logger(&LOGGER);

@@ -19,15 +19,20 @@ use crate::syscall::Syscall;
 /// Parsed OCI / fstab style mount options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountOptions {
+    /// mount(2) flags: `ro`, `nosuid`, `bind`... (later words win over
+    /// earlier ones, e.g. `ro,rw` is read-write).
     pub flags: MsFlags,
     /// Propagation change to apply after mounting (MS_PRIVATE, MS_SLAVE, ...).
     pub propagation: MsFlags,
     /// Filesystem-specific options, comma-joined for mount(2) data.
     pub data: Vec<String>,
+    /// `bind` or `rbind` was given: bind-mount the source.
     pub bind: bool,
 }
 
 impl MountOptions {
+    /// Sorts option words into flags, propagation and filesystem data
+    /// (every word it does not know). Never fails.
     pub fn parse(options: &[String]) -> MountOptions {
         let mut o = MountOptions {
             flags: MsFlags::empty(),
@@ -108,6 +113,7 @@ impl MountOptions {
         o
     }
 
+    /// The filesystem options as mount(2) `data`; `None` when there are none.
     pub fn data_string(&self) -> Option<String> {
         (!self.data.is_empty()).then(|| self.data.join(","))
     }
@@ -140,10 +146,15 @@ pub fn find_by_serial(sysfs_block: &Path, serial: &str) -> Result<PathBuf> {
 /// What a [`Source`] refers to in the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolved {
+    /// A block device node to mount, e.g. `/dev/vdc`.
     Device(PathBuf),
+    /// A guest directory to bind-mount as it is.
     Directory(PathBuf),
 }
 
+/// Turns a volume's source into a guest path: a serial is looked up with
+/// [`find_by_serial`]; paths must be absolute and free of `,`, `:` and `\`
+/// (they end up in overlayfs options).
 pub fn resolve_source(source: Option<&Source>, sysfs_block: &Path) -> Result<Resolved> {
     let kind = source
         .and_then(|s| s.kind.as_ref())
@@ -167,6 +178,8 @@ pub fn resolve_source(source: Option<&Source>, sysfs_block: &Path) -> Result<Res
 /// The mounts that make up one container's root, for teardown.
 #[derive(Debug, Default)]
 pub struct RootfsMounts {
+    /// The container's root directory (the overlayfs mount point,
+    /// `<container dir>/rootfs`).
     pub rootfs: PathBuf,
     /// Mount points in mount order; unmounted in reverse.
     pub mounted: Vec<PathBuf>,

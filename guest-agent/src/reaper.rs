@@ -18,6 +18,7 @@ pub struct ExitSlot {
 }
 
 impl ExitSlot {
+    /// Blocks until the process has exited and returns how it ended.
     pub fn wait(&self) -> WaitStatus {
         let mut g = self.status.lock().unwrap();
         loop {
@@ -28,6 +29,7 @@ impl ExitSlot {
         }
     }
 
+    /// How the process ended, or `None` while it runs.
     pub fn get(&self) -> Option<WaitStatus> {
         *self.status.lock().unwrap()
     }
@@ -45,6 +47,9 @@ struct State {
     unclaimed: HashMap<i32, (WaitStatus, Instant)>,
 }
 
+/// Reaps every child of the agent and routes each exit status to the
+/// [`ExitSlot`] of whoever [`register`](Reaper::register)ed its pid. Exits
+/// nobody claims are kept for 30 s, for a registration that comes late.
 #[derive(Default)]
 pub struct Reaper {
     state: Mutex<State>,

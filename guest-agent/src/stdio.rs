@@ -315,6 +315,8 @@ impl ProcessIo {
         }
     }
 
+    /// Sets the size of the process's terminal, in character cells;
+    /// fails with `FailedPrecondition` if it has none.
     pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
         let pty = self
             .pty

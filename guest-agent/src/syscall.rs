@@ -8,6 +8,8 @@ use nix::sched::CloneFlags;
 
 /// Mount and namespace system calls.
 pub trait Syscall: Send + Sync {
+    /// mount(2): `source` on `target`, of type `fstype`, with `flags` and
+    /// filesystem-specific `data` (comma-separated options).
     fn mount(
         &self,
         source: Option<&Path>,
@@ -16,9 +18,13 @@ pub trait Syscall: Send + Sync {
         flags: MsFlags,
         data: Option<&str>,
     ) -> nix::Result<()>;
+    /// umount2(2) of `target` with `flags` (e.g. `MNT_DETACH`).
     fn umount(&self, target: &Path, flags: MntFlags) -> nix::Result<()>;
+    /// pivot_root(2): `new_root` becomes `/`, the old root moves to `put_old`.
     fn pivot_root(&self, new_root: &Path, put_old: &Path) -> nix::Result<()>;
+    /// unshare(2): moves the calling thread into new namespaces (`CLONE_NEW*`).
     fn unshare(&self, flags: CloneFlags) -> nix::Result<()>;
+    /// sethostname(2) in the caller's UTS namespace.
     fn sethostname(&self, name: &str) -> nix::Result<()>;
 }
 
@@ -56,7 +62,7 @@ impl Syscall for LinuxSyscall {
 }
 
 #[cfg(test)]
-pub mod test {
+pub(crate) mod test {
     //! A recording fake for unit tests.
     use super::*;
     use std::sync::Mutex;

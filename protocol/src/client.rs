@@ -24,6 +24,7 @@ use crate::{MIN_COMPATIBLE_VERSION, PROTOCOL_VERSION, STDIO_PORT_OFFSET};
 pub struct Connector(Arc<dyn Fn(u32) -> io::Result<UnixStream> + Send + Sync>);
 
 impl Connector {
+    /// A connector that opens guest port `p` by calling `f(p)`.
     pub fn new(f: impl Fn(u32) -> io::Result<UnixStream> + Send + Sync + 'static) -> Connector {
         Connector(Arc::new(f))
     }
@@ -41,6 +42,7 @@ impl Connector {
         Connector::new(move |port| UnixStream::connect(unix_port_path(&base, port)))
     }
 
+    /// Opens a new connection to guest port `port`.
     pub fn connect(&self, port: u32) -> io::Result<UnixStream> {
         (self.0)(port)
     }
@@ -62,22 +64,33 @@ pub fn unix_port_path(base: &Path, port: u32) -> PathBuf {
 /// Errors of [`AgentClient`].
 #[derive(Debug, Error)]
 pub enum ClientError {
+    /// The connector could not open the agent or stdio port.
     #[error("cannot connect to the agent: {0}")]
     Connect(#[source] io::Error),
+    /// A ttrpc call (the version handshake included) failed.
     #[error("agent call failed: {0}")]
     Ttrpc(#[from] ttrpc::Error),
+    /// The agent and this host cannot talk: one's protocol version is below
+    /// the other's minimum.
     #[error(
         "incompatible agent: agent speaks protocol {agent} (serves clients >= {agent_min}), \
          this host speaks {ours} (serves agents >= {ours_min}); rebuild the guest initramfs"
     )]
     Incompatible {
+        /// The agent's [`PROTOCOL_VERSION`].
         agent: u32,
+        /// The oldest client version the agent accepts.
         agent_min: u32,
+        /// This host's [`PROTOCOL_VERSION`].
         ours: u32,
+        /// The oldest agent version this host accepts ([`MIN_COMPATIBLE_VERSION`]).
         ours_min: u32,
     },
+    /// Opening a stdio stream failed in its handshake.
     #[error("stdio stream: {0}")]
     Stream(#[from] StreamError),
+    /// [`AgentClient::from_stream`] clients have no connector to open
+    /// stdio streams with.
     #[error("this client was built without a connector, so it cannot open stdio streams")]
     NoConnector,
 }

@@ -33,14 +33,18 @@ const MAX_REPLY_LEN: usize = 1024;
 /// Which stdio stream a connection carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StreamKind {
+    /// The process's standard input: bytes flow host -> agent.
     Stdin,
+    /// The process's standard output: bytes flow agent -> host.
     Stdout,
+    /// The process's standard error: bytes flow agent -> host.
     Stderr,
     /// A terminal: input and output on one connection.
     Pty,
 }
 
 impl StreamKind {
+    /// The word that names this kind in a stream header.
     pub fn as_str(self) -> &'static str {
         match self {
             StreamKind::Stdin => "stdin",
@@ -64,26 +68,35 @@ impl StreamKind {
 /// Names the process and stream a connection belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StreamHeader {
+    /// The container the process belongs to (checked by [`is_valid_id`]).
     pub container_id: String,
     /// Empty for the container's init process.
     pub exec_id: String,
+    /// Which of the process's streams this connection carries.
     pub kind: StreamKind,
 }
 
 /// Errors of the stream handshake.
 #[derive(Debug, Error)]
 pub enum StreamError {
+    /// Reading or writing the header or the reply failed.
     #[error("stream handshake I/O failed: {0}")]
     Io(#[from] io::Error),
+    /// The header (agent side) or the reply (host side) does not follow the
+    /// protocol; the text says what was wrong.
     #[error("malformed stream header: {0}")]
     Malformed(String),
+    /// The container or exec id breaks the rules of [`crate::ids`].
     #[error("invalid container or exec id in stream header")]
     InvalidId,
+    /// The agent answered `ERR`; holds the agent's reason.
     #[error("agent refused the stream: {0}")]
     Refused(String),
 }
 
 impl StreamHeader {
+    /// A header for `kind` of the process `exec_id` (empty: the init process)
+    /// of `container_id`. The ids are checked when it is encoded.
     pub fn new(container_id: &str, exec_id: &str, kind: StreamKind) -> StreamHeader {
         StreamHeader {
             container_id: container_id.to_owned(),

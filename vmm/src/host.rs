@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+/// The kind of virtualization behind /dev/kvm on this host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostKind {
     /// VT-x or AMD-V.
@@ -12,6 +13,8 @@ pub enum HostKind {
 }
 
 impl HostKind {
+    /// Tells the kinds apart by the kernel modules loaded on the host
+    /// (`/sys/module`); hardware wins when both are loaded.
     pub fn detect() -> Self {
         Self::detect_in(Path::new("/sys/module"))
     }

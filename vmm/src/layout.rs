@@ -8,40 +8,52 @@ pub const BOOT_GDT_START: u64 = 0x500;
 pub const BOOT_IDT_START: u64 = 0x520;
 /// Linux `boot_params` (the "zero page") for the 64-bit boot protocol.
 pub const ZERO_PAGE_START: u64 = 0x7000;
-/// Identity page tables for 64-bit entry: PML4, PDPT, PD.
+/// Identity page tables for 64-bit entry: the PML4 page (one entry used).
 pub const PML4_START: u64 = 0x9000;
+/// The page-directory-pointer table (four entries: the first 4 GiB).
 pub const PDPTE_START: u64 = 0xa000;
+/// Four page directories of 2 MiB pages, one page each, from here.
 pub const PDE_START: u64 = 0xb000;
 /// Kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;
+/// Room for the command line in bytes, its NUL terminator included.
 pub const CMDLINE_MAX_SIZE: usize = 4096;
 /// Initial stack pointer for the boot vCPU.
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// End of the low RAM the BIOS era reserved; E820 RAM restarts at 1 MiB.
 pub const EBDA_START: u64 = 0x9fc00;
+/// Where RAM resumes above the legacy hole (1 MiB); the kernel and initrd
+/// are loaded at or above it.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole; RAM above it continues at 4 GiB.
 pub const MMIO_GAP_START: u64 = 0xd000_0000;
+/// End of the 32-bit MMIO hole (4 GiB): RAM beyond the first
+/// [`MMIO_GAP_START`] bytes is mapped from here.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// virtio-mmio device windows, one page each, from the start of the gap.
 pub const VIRTIO_MMIO_BASE: u64 = MMIO_GAP_START;
+/// Size in bytes of one virtio-mmio device window.
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// IOAPIC pins for virtio-mmio devices (legacy ISA IRQs end below 5 here).
 pub const IRQ_BASE: u32 = 5;
+/// Last IOAPIC pin for virtio-mmio devices (inclusive; the IOAPIC has 24).
 pub const IRQ_MAX: u32 = 23;
 // The contract's device limit is one device per pin from IRQ_BASE on.
 const _: () = assert!(IRQ_MAX - IRQ_BASE + 1 == MAX_VIRTIO_DEVICES as u32);
-/// 8250 serial (COM1) and its IRQ.
+/// 8250 serial (COM1) base I/O port.
 pub const SERIAL_PORT: u64 = 0x3f8;
+/// IRQ of the COM1 serial port.
 pub const SERIAL_IRQ: u32 = 4;
 /// i8042 controller data and command ports.
 pub const I8042_PORT: u64 = 0x60;
 /// Boot-timer port: the guest writes [`BOOT_TIMER_MAGIC`] once booted
 /// (Firecracker's convention).
 pub const BOOT_TIMER_PORT: u64 = 0x3f0;
+/// The byte the guest writes to [`BOOT_TIMER_PORT`] when it has booted.
 pub const BOOT_TIMER_MAGIC: u8 = 123;
-/// Where KVM keeps its TSS and identity map (below the MMIO gap's end).
+/// Where KVM keeps its TSS (three pages, inside the MMIO gap, so no RAM).
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+/// Where KVM keeps its identity-map page table, the page below the TSS.
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 /// Base address of the `index`-th virtio-mmio device.

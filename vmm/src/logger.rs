@@ -30,6 +30,8 @@ impl log::Log for StderrLogger {
     fn flush(&self) {}
 }
 
+/// Installs the stderr logger as the process's `log` backend; timestamps
+/// count from `start`. Only the first call has an effect.
 pub fn init(start: Instant) {
     let level = std::env::var("MOAT_LOG")
         .ok()

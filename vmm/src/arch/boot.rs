@@ -18,22 +18,38 @@ use super::regs::EntryPoint;
 use crate::devices::virtio::GuestMemory;
 use crate::layout::*;
 
+/// Errors of loading the guest's kernel, initramfs and boot parameters.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
+    /// The kernel or initramfs file (path given) cannot be opened or stat'ed.
     #[error("Cannot open {0}")]
     Open(String, #[source] std::io::Error),
+    /// The file (path given) is not a kernel this loader understands, or
+    /// does not fit in guest memory.
     #[error("{0} is neither an x86_64 ELF vmlinux nor a bzImage")]
     NotAKernel(String, #[source] loader::Error),
+    /// Reading the setup header of a bzImage failed.
     #[error("Cannot read the bzImage setup header")]
     SetupHeader(#[source] std::io::Error),
+    /// The initramfs does not fit between the kernel's end and the top of
+    /// low RAM.
     #[error("Initramfs of {size} bytes does not fit in guest memory below {limit:#x}")]
-    InitramfsTooLarge { size: u64, limit: u64 },
+    InitramfsTooLarge {
+        /// Size of the initramfs file in bytes.
+        size: u64,
+        /// Guest physical address the initramfs had to end below.
+        limit: u64,
+    },
+    /// Copying the initramfs into guest memory failed.
     #[error("Cannot load the initramfs")]
     Initramfs(#[source] vm_memory::GuestMemoryError),
+    /// The command line has a bad character or is too long.
     #[error("Kernel command line is invalid or longer than {CMDLINE_MAX_SIZE} bytes")]
     Cmdline(#[source] linux_loader::cmdline::Error),
+    /// Writing the command line into guest memory failed.
     #[error("Cannot write the kernel command line")]
     LoadCmdline(#[source] loader::Error),
+    /// Writing the zero page into guest memory failed.
     #[error("Cannot write boot parameters to guest memory")]
     Params(#[source] vm_memory::GuestMemoryError),
 }
@@ -63,6 +79,7 @@ fn e820_ram(mem: &GuestMemory) -> Vec<(u64, u64)> {
 
 /// What a loaded kernel needs from the rest of the boot.
 pub struct LoadedKernel {
+    /// Guest address of the kernel's 64-bit entry point (`startup_64`).
     pub entry: EntryPoint,
     /// Setup header bytes of a bzImage (copied into the zero page).
     setup_header: Option<Vec<u8>>,

@@ -21,10 +21,14 @@ const MP_INT: u8 = 0;
 const MP_EXTINT: u8 = 3;
 const MP_NMI: u8 = 1;
 
+/// Errors of [`setup_mptable`].
 #[derive(Debug, thiserror::Error)]
 pub enum MptableError {
+    /// The vCPUs and the IOAPIC need more than the 254 APIC ids the table
+    /// can hold; holds the vCPU count asked for.
     #[error("Too many vCPUs for the MP table: {0}")]
     TooManyCpus(u8),
+    /// Guest memory has no room for the table at [`EBDA_START`].
     #[error("Cannot write the MP table to guest memory")]
     Write(#[source] vm_memory::GuestMemoryError),
 }

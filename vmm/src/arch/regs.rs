@@ -8,10 +8,13 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::devices::virtio::GuestMemory;
 use crate::layout::*;
 
+/// Errors of setting up the boot vCPU's initial state.
 #[derive(Debug, thiserror::Error)]
 pub enum RegsError {
+    /// Writing the GDT, IDT or page tables into guest memory failed.
     #[error("Cannot write boot structures to guest memory")]
     Memory(#[source] vm_memory::GuestMemoryError),
+    /// A KVM vCPU ioctl failed; holds the name of the call (e.g. `set_sregs`).
     #[error("Cannot set vCPU registers ({0})")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
 }

@@ -12,36 +12,56 @@ use crate::devices::virtio::GuestMemory;
 use crate::host::HostKind;
 use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 
+/// Errors of creating and wiring up the KVM VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
+    /// The KVM device path does not exist (or is not a valid C string).
     #[error("/dev/kvm is missing: this host has no KVM (load kvm_intel/kvm_amd or a PVM backend)")]
     KvmMissing,
+    /// Opening the KVM device was refused (EACCES or EPERM).
     #[error("Permission denied on /dev/kvm: run as root or add the user to the kvm group")]
     KvmPermission,
+    /// Opening the KVM device failed for another reason.
     #[error("Cannot open /dev/kvm")]
     KvmOpen(#[source] kvm_ioctls::Error),
+    /// KVM reports an API version other than 12; holds the version seen.
     #[error("KVM API version {0} is not the supported version 12")]
     KvmVersion(i32),
+    /// KVM lacks a capability the VMM relies on; holds its `KVM_CAP_*` name.
     #[error("KVM lacks a required capability: {0}")]
     Capability(&'static str),
+    /// `KVM_CREATE_VM` failed.
     #[error("Cannot create the VM")]
     CreateVm(#[source] kvm_ioctls::Error),
+    /// Mapping guest RAM failed; holds its total size in MiB.
     #[error("Cannot allocate {0} MiB of guest memory")]
     Memory(u64, #[source] vm_memory::mmap::FromRangesError),
+    /// A VM ioctl failed; holds the name of the call (e.g. `register_irqfd`).
     #[error("KVM refused a VM setup call ({0})")]
     Setup(&'static str, #[source] kvm_ioctls::Error),
+    /// More vCPUs were asked for (first) than KVM's maximum here (second).
     #[error("{0} vCPUs are more than KVM allows here ({1})")]
     TooManyVcpus(u8, usize),
 }
 
+/// A KVM VM with its guest RAM mapped, its TSS set, and an in-kernel
+/// irqchip (and PIT where KVM offers one). vCPUs are created from it by
+/// [`crate::vstate::vcpu`].
 pub struct Vm {
+    /// The open KVM device: system-wide queries such as supported CPUID.
     pub kvm: Kvm,
+    /// The VM file descriptor: vCPU creation and VM-wide ioctls.
     pub fd: VmFd,
+    /// Guest RAM, one KVM memory slot per region, in slot order.
     pub mem: GuestMemory,
+    /// The kind of host KVM this VM runs on (decides kernel arguments).
     pub host: HostKind,
 }
 
 impl Vm {
+    /// Opens KVM at `kvm_path`, checks its version and capabilities and that
+    /// it allows `vcpus` vCPUs, then creates the VM with guest RAM at
+    /// `mem_regions` (guest address, size in bytes).
     pub fn new(
         kvm_path: &Path,
         mem_regions: &[(vm_memory::GuestAddress, usize)],
