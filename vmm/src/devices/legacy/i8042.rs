@@ -17,6 +17,10 @@ const STATUS_OUT_FULL: u8 = 0x01;
 const STATUS_SYSTEM_FLAG: u8 = 0x04;
 const STATUS_CMD_DATA: u8 = 0x08;
 const CTR_KBD_INT: u8 = 0x01;
+/// Bytes the output queue holds at most: a guest that asks for bytes
+/// without reading them (or a host that types faster than it reads) cannot
+/// grow it. Enough for Ctrl-Alt-Del and a few answers.
+const OUT_CAPACITY: usize = 16;
 /// Set 2 scancodes: Ctrl, Alt, Del (extended) pressed, then released.
 const CTRL_ALT_DEL: [u8; 12] = [
     0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14, 0x00,
@@ -41,18 +45,31 @@ impl I8042 {
             status: STATUS_SYSTEM_FLAG,
             control: CTR_KBD_INT,
             expect_ctr: false,
-            out: VecDeque::new(),
+            out: VecDeque::with_capacity(OUT_CAPACITY),
         }
     }
 
     /// Queues Ctrl-Alt-Del key presses and raises the keyboard interrupt.
+    /// Keys that do not fit the output queue are dropped, as by a keyboard
+    /// whose buffer overflows.
     pub fn send_ctrl_alt_del(&mut self) -> std::io::Result<()> {
-        self.out.extend(&CTRL_ALT_DEL[..CTRL_ALT_DEL.len() - 1]);
-        self.status |= STATUS_OUT_FULL;
+        for &key in &CTRL_ALT_DEL[..CTRL_ALT_DEL.len() - 1] {
+            self.push(key);
+        }
         if self.control & CTR_KBD_INT != 0 {
             self.irq.write(1)?;
         }
         Ok(())
+    }
+}
+
+impl I8042 {
+    /// Queues one output byte, unless the queue is full.
+    fn push(&mut self, byte: u8) {
+        if self.out.len() < OUT_CAPACITY {
+            self.out.push_back(byte);
+        }
+        self.status |= STATUS_OUT_FULL;
     }
 }
 
@@ -88,10 +105,7 @@ impl BusDevice for I8042 {
                             log::error!("Cannot signal the guest reset: {e}");
                         }
                     }
-                    CMD_READ_CTR => {
-                        self.out.push_back(self.control);
-                        self.status |= STATUS_OUT_FULL;
-                    }
+                    CMD_READ_CTR => self.push(self.control),
                     CMD_WRITE_CTR => self.expect_ctr = true,
                     _ => {}
                 }
@@ -136,5 +150,25 @@ mod tests {
         assert_eq!(status[0] & STATUS_OUT_FULL, 0);
         // An empty write is ignored.
         dev.write(COMMAND, &[]);
+    }
+
+    #[test]
+    fn output_queue_is_bounded() {
+        let reset = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = I8042::new(reset, irq);
+        for _ in 0..100_000 {
+            dev.write(COMMAND, &[CMD_READ_CTR]);
+            dev.send_ctrl_alt_del().unwrap();
+        }
+        assert_eq!(dev.out.len(), OUT_CAPACITY);
+        assert!(dev.out.capacity() < 2 * OUT_CAPACITY);
+        for _ in 0..OUT_CAPACITY {
+            let mut b = [0u8];
+            dev.read(DATA, &mut b);
+        }
+        let mut status = [0u8];
+        dev.read(COMMAND, &mut status);
+        assert_eq!(status[0] & STATUS_OUT_FULL, 0);
     }
 }
