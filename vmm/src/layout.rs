@@ -14,6 +14,11 @@ pub const PML4_START: u64 = 0x9000;
 pub const PDPTE_START: u64 = 0xa000;
 /// Four page directories of 2 MiB pages, one page each, from here.
 pub const PDE_START: u64 = 0xb000;
+/// The BIOS data area word Linux writes just before it resets the machine:
+/// [`WARM_RESET_MARK`] for a warm reset, 0 for a cold one. moat-vmm gives
+/// the guest `reboot=k,panic_warm`, so only a panic asks for a warm one.
+pub const RESET_MODE_ADDR: u64 = 0x472;
+pub const WARM_RESET_MARK: u16 = 0x1234;
 /// Kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;
 /// Room for the command line in bytes, its NUL terminator included.

@@ -2,7 +2,8 @@
 //! `MOAT_LOG` (error, warn, info, debug, trace; default info).
 
 use std::io::Write;
-use std::time::Instant;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 struct StderrLogger {
     start: Instant,
@@ -39,5 +40,56 @@ pub fn init(start: Instant) {
         .unwrap_or(log::LevelFilter::Info);
     if log::set_boxed_logger(Box::new(StderrLogger { start })).is_ok() {
         log::set_max_level(level);
+    }
+}
+
+/// Lets through at most [`RateLimit::BURST`] log lines per
+/// [`RateLimit::WINDOW`]: for messages a guest can trigger at will.
+pub struct RateLimit {
+    /// Start of the current window and lines logged in it.
+    state: Mutex<Option<(Instant, u32)>>,
+}
+
+impl RateLimit {
+    /// Lines allowed per window.
+    pub const BURST: u32 = 10;
+    /// The window.
+    pub const WINDOW: Duration = Duration::from_secs(10);
+
+    /// A limiter with a fresh window.
+    pub const fn new() -> Self {
+        Self {
+            state: Mutex::new(None),
+        }
+    }
+
+    /// Whether one more line may be logged now.
+    pub fn allow(&self) -> bool {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, count) = match *state {
+            Some((start, count)) if now.duration_since(start) < Self::WINDOW => (start, count),
+            _ => (now, 0),
+        };
+        *state = Some((start, count.saturating_add(1)));
+        count < Self::BURST
+    }
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_lets_a_burst_through_per_window() {
+        let limit = RateLimit::new();
+        let allowed = (0..1000).filter(|_| limit.allow()).count();
+        assert_eq!(allowed, RateLimit::BURST as usize);
     }
 }

@@ -13,14 +13,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiError, ApiServer, VmControl};
 use crate::arch::{boot, mptable};
 use crate::devices::legacy::{BootTimer, SerialDevice, I8042};
 use crate::devices::virtio::block::BlockSource;
-use crate::devices::virtio::{self, VirtioDevice};
-use crate::devices::{Bus, BusDevice};
+use crate::devices::virtio::{self, MmioTransport, VirtioDevice};
+use crate::devices::Bus;
 use crate::layout::*;
 use crate::seccomp::{self, ThreadKind};
 use crate::vstate::{ExitCode, Vcpus, Vm};
@@ -104,15 +105,20 @@ fn serial_output(cfg: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> 
 /// net, vsock, rng), keeping a handle to each block device for the API.
 type BlockHandles = HashMap<String, virtio::block::BlockHandle>;
 
-fn create_devices(cfg: &VmConfig) -> Result<(Vec<Box<dyn VirtioDevice>>, BlockHandles), VmmError> {
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+/// Each device's workers get the seccomp filter of their kind from
+/// `filters`, if any.
+fn create_devices(
+    cfg: &VmConfig,
+    filters: Option<&seccomp::Filters>,
+) -> Result<(Vec<Box<dyn VirtioDevice>>, BlockHandles), VmmError> {
+    let mut devices: Vec<(Box<dyn VirtioDevice>, ThreadKind)> = Vec::new();
     let mut blocks = HashMap::new();
     for b in &cfg.block {
         let serial = b.serial.as_deref().unwrap_or(&b.id);
         let dev = virtio::block::Block::new(&b.id, b.path.as_deref(), b.read_only, Some(serial))
             .map_err(|e| VmmError::Block(b.id.clone(), e))?;
         blocks.insert(b.id.clone(), dev.handle());
-        devices.push(Box::new(dev));
+        devices.push((Box::new(dev), ThreadKind::Block));
     }
     for n in &cfg.net {
         let tap = match (&n.tap, n.tap_fd) {
@@ -127,23 +133,38 @@ fn create_devices(cfg: &VmConfig) -> Result<(Vec<Box<dyn VirtioDevice>>, BlockHa
             mac,
         })
         .map_err(|e| VmmError::Net(n.id.clone(), e))?;
-        devices.push(Box::new(dev));
+        devices.push((Box::new(dev), ThreadKind::Net));
     }
     if let Some(v) = &cfg.vsock {
         let dev =
             virtio::vsock::Vsock::new(v.guest_cid, v.uds_path.clone()).map_err(VmmError::Vsock)?;
-        devices.push(Box::new(dev));
+        devices.push((Box::new(dev), ThreadKind::Vsock));
     }
     if cfg.rng {
-        devices.push(Box::new(virtio::rng::Rng::new()));
+        devices.push((Box::new(virtio::rng::Rng::new()), ThreadKind::Rng));
     }
+    let devices = devices
+        .into_iter()
+        .map(|(mut dev, kind)| {
+            if let Some(filters) = filters {
+                dev.set_seccomp_filter(filters.get(kind));
+            }
+            dev
+        })
+        .collect();
     Ok((devices, blocks))
 }
 
 /// The kernel command line: console, reset method, host needs, devices,
 /// then the user's words (last, so they can override).
 fn kernel_cmdline(cfg: &VmConfig, host: crate::host::HostKind, num_devices: u32) -> String {
-    let mut words = vec!["console=ttyS0".to_string(), "reboot=k".into()];
+    // Resets go through the i8042 (which the VMM sees); a panic marks its
+    // reset warm (see `RESET_MODE_ADDR`).
+    let mut words = vec![
+        "console=ttyS0".to_string(),
+        "reboot=k".into(),
+        "reboot=panic_warm".into(),
+    ];
     words.extend(host.kernel_args().split_whitespace().map(String::from));
     for i in 0..num_devices {
         words.push(format!(
@@ -252,7 +273,12 @@ fn termination_signalfd() -> Result<File, VmmError> {
 pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
     cfg.validate(host_memory_mib())?;
     let serial_out = serial_output(&cfg.serial)?;
-    let (devices, blocks) = create_devices(&cfg)?;
+    let filters = if cfg.seccomp {
+        Some(seccomp::Filters::build()?)
+    } else {
+        None
+    };
+    let (devices, blocks) = create_devices(&cfg, filters.as_ref())?;
 
     let vm = Vm::new(
         Path::new("/dev/kvm"),
@@ -290,26 +316,10 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
     let boot_time_us = timer.elapsed_handle();
     pio.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_PORT, 1)?;
 
-    for (index, device) in devices.into_iter().enumerate() {
-        let index = index as u32;
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-        vm.register_irqfd(&irq, IRQ_BASE + index)?;
-        let base = virtio_mmio_base(index);
-        let transport = virtio::mmio::MmioTransport::new(device, vm.mem.clone(), irq)
-            .map_err(VmmError::Transport)?;
-        for (queue, evt) in transport.queue_notify_eventfds().iter().enumerate() {
-            vm.register_ioevent(evt, base + virtio::mmio::NOTIFY_REG_OFFSET, queue as u32)?;
-        }
-        let transport: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(transport));
-        mmio.insert(transport, base, VIRTIO_MMIO_SIZE)?;
-    }
+    let activate_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    let transports = attach_devices(&vm, &mut mmio, devices, &activate_evt)?;
 
     let signals = termination_signalfd()?;
-    let filters = if cfg.seccomp {
-        Some(seccomp::Filters::build()?)
-    } else {
-        None
-    };
     let api_listener = match &cfg.api_socket {
         Some(path) => Some((path.clone(), ApiServer::bind(path)?)),
         None => None,
@@ -348,7 +358,15 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
         seccomp::apply(&f.get(ThreadKind::Main))?;
     }
 
-    let code = wait_for_exit(&vcpus, &reset_evt, &signals);
+    let events = EventLoop {
+        vcpus: &vcpus,
+        mem: &vm.mem,
+        reset_evt,
+        signals,
+        activate_evt,
+        transports,
+    };
+    let code = events.run();
     vcpus.stop();
     log::info!(
         "VM stopped after {} ms with exit code {}",
@@ -360,51 +378,115 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
     // now joined) drop here: their threads are joined and sockets removed.
 }
 
-fn wait_for_exit(vcpus: &Vcpus, reset_evt: &EventFd, signals: &File) -> ExitCode {
-    let control = vcpus.control();
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: control.exit_evt().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: reset_evt.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: signals.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+/// Puts each device behind a virtio-mmio transport on `mmio`, with its
+/// interrupt and queue notifications wired to KVM; DRIVER_OK writes go to
+/// `activate_evt`. Returns the transports, for the event thread.
+fn attach_devices(
+    vm: &Vm,
+    mmio: &mut Bus,
+    devices: Vec<Box<dyn VirtioDevice>>,
+    activate_evt: &EventFd,
+) -> Result<Vec<Arc<Mutex<MmioTransport>>>, VmmError> {
+    let mut transports = Vec::with_capacity(devices.len());
+    for (index, device) in devices.into_iter().enumerate() {
+        let index = index as u32;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+        vm.register_irqfd(&irq, IRQ_BASE + index)?;
+        let base = virtio_mmio_base(index);
+        let activate = activate_evt.try_clone().map_err(VmmError::EventFd)?;
+        let transport = MmioTransport::new(device, vm.mem.clone(), irq, activate)
+            .map_err(VmmError::Transport)?;
+        for (queue, evt) in transport.queue_notify_eventfds().iter().enumerate() {
+            vm.register_ioevent(evt, base + virtio::mmio::NOTIFY_REG_OFFSET, queue as u32)?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+        transports.push(transport);
+    }
+    Ok(transports)
+}
+
+/// The event thread (the main thread once the guest runs): activates
+/// devices when their driver sets DRIVER_OK, and waits for a reason to stop.
+struct EventLoop<'a> {
+    vcpus: &'a Vcpus,
+    mem: &'a virtio::GuestMemory,
+    /// Written by the i8042 when the guest resets the machine.
+    reset_evt: EventFd,
+    /// SIGTERM, SIGINT, SIGHUP.
+    signals: File,
+    /// Written by a transport on DRIVER_OK.
+    activate_evt: EventFd,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl EventLoop<'_> {
+    /// Runs until the VM is to stop; why.
+    fn run(&self) -> ExitCode {
+        let control = self.vcpus.control();
+        let fds = [
+            control.exit_evt().as_raw_fd(),
+            self.reset_evt.as_raw_fd(),
+            self.signals.as_raw_fd(),
+            self.activate_evt.as_raw_fd(),
         ];
-        // SAFETY: `fds` is a valid array of three pollfd for the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as _, -1) };
-        if n < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        loop {
+            let mut pfds = fds.map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            // SAFETY: `pfds` is a valid array of pollfd for the call.
+            let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as _, -1) };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("Main loop poll failed: {err}");
+                return ExitCode::Internal;
             }
-            log::error!("Main loop poll failed: {}", std::io::Error::last_os_error());
-            return ExitCode::Internal;
+            if pfds[3].revents != 0 {
+                self.activate_devices();
+            }
+            if pfds[1].revents != 0 {
+                control.request_exit(self.reset_reason());
+            }
+            if pfds[2].revents != 0 {
+                log::info!("Termination signal: stopping the VM");
+                control.request_exit(ExitCode::Ok);
+            }
+            if let Some(code) = control.exit_code() {
+                return ExitCode::from_code(code);
+            }
+            let _ = control.exit_evt().read();
         }
-        if fds[1].revents != 0 {
+    }
+
+    /// Activates every device whose driver set DRIVER_OK.
+    fn activate_devices(&self) {
+        let _ = self.activate_evt.read();
+        for transport in &self.transports {
+            transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .activate_pending();
+        }
+    }
+
+    /// Why the guest reset the machine: a kernel panic marks its reset warm.
+    fn reset_reason(&self) -> ExitCode {
+        let mode: u16 = self
+            .mem
+            .read_obj(GuestAddress(RESET_MODE_ADDR))
+            .map(u16::from_le)
+            .unwrap_or(0);
+        if mode == WARM_RESET_MARK {
+            log::error!("Guest kernel panicked and reset the machine: stopping the VM");
+            ExitCode::GuestPanic
+        } else {
             log::info!("Guest reset the machine (i8042)");
-            control.request_exit(ExitCode::Ok);
+            ExitCode::Ok
         }
-        if fds[2].revents != 0 {
-            log::info!("Termination signal: stopping the VM");
-            control.request_exit(ExitCode::Ok);
-        }
-        if let Some(code) = control.exit_code() {
-            return match code {
-                0 => ExitCode::Ok,
-                2 => ExitCode::VcpuFailed,
-                3 => ExitCode::TripleFault,
-                _ => ExitCode::Internal,
-            };
-        }
-        let _ = control.exit_evt().read();
     }
 }

@@ -1,6 +1,8 @@
 //! vCPU threads: each runs KVM_RUN in a loop and dispatches port I/O and
-//! MMIO exits to the buses. The main thread stops or pauses them by setting
-//! a flag and kicking them out of KVM_RUN with a signal.
+//! MMIO exits to the buses. They never start threads or open anything: a
+//! virtio DRIVER_OK only posts an activation request for the event thread.
+//! The main thread stops or pauses them by setting a flag and kicking them
+//! out of KVM_RUN with a signal.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -25,6 +27,24 @@ pub enum ExitCode {
     VcpuFailed = 2,
     TripleFault = 3,
     Internal = 4,
+    /// The guest kernel panicked and reset the machine (`reboot=panic_warm`).
+    GuestPanic = 5,
+}
+
+impl ExitCode {
+    /// The exit code stored as `code` by [`VcpuControl::request_exit`].
+    pub fn from_code(code: i32) -> ExitCode {
+        [
+            ExitCode::Ok,
+            ExitCode::SetupError,
+            ExitCode::VcpuFailed,
+            ExitCode::TripleFault,
+            ExitCode::GuestPanic,
+        ]
+        .into_iter()
+        .find(|c| *c as i32 == code)
+        .unwrap_or(ExitCode::Internal)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -5,18 +5,18 @@
 //! calls [`VirtioDevice::activate`] with the configured queues, one eventfd
 //! per queue (registered with KVM as an ioeventfd on QUEUE_NOTIFY, so a
 //! notify never exits to user space) and an [`Interrupt`]. The device then
-//! runs its own worker thread (as Cloud Hypervisor does), which it stops
-//! and joins on reset and on drop, so no thread outlives the VM.
+//! runs its own worker thread (`worker.rs`, as Cloud Hypervisor does), which
+//! it stops and joins on reset and on drop, so no thread outlives the VM.
+//! A worker that finds its rings corrupt asks for a reset through
+//! [`Interrupt::signal_needs_reset`].
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
-
-use super::worker::WorkerThread;
 
 /// Interrupt status bits of the virtio-mmio InterruptStatus register.
 pub const INT_USED_RING: u32 = 1;
@@ -38,6 +38,9 @@ pub struct Interrupt {
     /// ConfigGeneration: bumped before every config-change interrupt, so a
     /// driver that reads a multi-word field across a change sees it and retries.
     config_generation: AtomicU32,
+    /// Set by a worker that stopped on a corrupt ring; the transport shows
+    /// it as DEVICE_NEEDS_RESET until the driver resets the device.
+    needs_reset: AtomicBool,
 }
 
 impl Interrupt {
@@ -46,6 +49,7 @@ impl Interrupt {
             status,
             irqfd,
             config_generation: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
         }
     }
 
@@ -60,6 +64,24 @@ impl Interrupt {
     pub fn signal_config_change(&self) -> io::Result<()> {
         self.config_generation.fetch_add(1, Ordering::SeqCst);
         self.signal(INT_CONFIG_CHANGE)
+    }
+
+    /// Marks the device DEVICE_NEEDS_RESET and tells the driver with a
+    /// config-change interrupt.
+    pub fn signal_needs_reset(&self) -> io::Result<()> {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.signal_config_change()
+    }
+
+    /// Whether a worker asked for a reset since the last one.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Driver reset: no interrupt pending, no reset asked for.
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
     }
 
     fn signal(&self, bit: u32) -> io::Result<()> {
@@ -114,61 +136,6 @@ pub struct ActivatedQueue {
     pub notify: EventFd,
 }
 
-/// What every device keeps across activations: the features its driver
-/// accepted and the worker thread serving its queues while it is active.
-#[derive(Default)]
-pub struct DeviceState {
-    acked_features: u64,
-    worker: Option<WorkerThread>,
-}
-
-impl DeviceState {
-    /// Keeps the `features` the driver accepted out of those `offered`.
-    pub fn ack_features(&mut self, offered: u64, features: u64) {
-        self.acked_features = features & offered;
-    }
-
-    /// The first steps of every activation: takes the device's `N` queues,
-    /// stops the worker of an earlier activation, and switches the queues
-    /// to event-index notification if the driver accepted it.
-    pub fn begin_activation<const N: usize>(
-        &mut self,
-        queues: Vec<ActivatedQueue>,
-    ) -> Result<[ActivatedQueue; N], ActivateError> {
-        let mut queues = take_queues::<N>(queues)?;
-        self.stop_worker();
-        let event_idx = self.acked_features & VIRTIO_F_RING_EVENT_IDX != 0;
-        for q in &mut queues {
-            q.queue.set_event_idx(event_idx);
-        }
-        Ok(queues)
-    }
-
-    /// Keeps the worker that now serves the queues, until the next
-    /// activation, reset or drop.
-    pub fn set_worker(&mut self, worker: WorkerThread) {
-        self.worker = Some(worker);
-    }
-
-    /// Whether a worker serves the queues.
-    pub fn has_worker(&self) -> bool {
-        self.worker.is_some()
-    }
-
-    /// Stops the worker, if any, and waits for it.
-    pub fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
-    }
-
-    /// Driver reset: no worker, no features.
-    pub fn reset(&mut self) {
-        self.stop_worker();
-        self.acked_features = 0;
-    }
-}
-
 /// A virtio device behind the virtio-mmio transport.
 pub trait VirtioDevice: Send {
     /// Virtio device ID (1 net, 2 block, 4 rng, 19 vsock).
@@ -184,7 +151,11 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes to the device-specific configuration space; most devices ignore them.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    /// Starts serving the queues.
+    /// The seccomp filter the device's worker threads install when they
+    /// start (on top of the event thread's, which they inherit).
+    fn set_seccomp_filter(&mut self, filter: seccompiler::BpfProgram);
+    /// Starts serving the queues: starts the device's worker thread. Called
+    /// on the VMM's event thread.
     fn activate(
         &mut self,
         mem: GuestMemory,

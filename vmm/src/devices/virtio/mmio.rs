@@ -1,8 +1,12 @@
 //! The virtio-mmio transport, modern register layout (version 2) only.
 //!
 //! The guest driver negotiates features, programs the queues and sets
-//! DRIVER_OK through these registers; the transport then hands the queues to
-//! the device ([`VirtioDevice::activate`]). Queue notifications normally
+//! DRIVER_OK through these registers, on a vCPU thread. DRIVER_OK only
+//! posts an activation request: the VMM's event thread then calls
+//! [`MmioTransport::activate_pending`], which hands the queues to the device
+//! ([`VirtioDevice::activate`]) and so starts its worker thread. vCPU
+//! threads thus never create threads or device backends, and their seccomp
+//! filter need not allow it. Queue notifications normally
 //! reach the device through KVM ioeventfds on [`NOTIFY_REG_OFFSET`] and never
 //! get here; a notify that does (no ioeventfd, or a test) is forwarded to the
 //! same eventfd.
@@ -159,15 +163,22 @@ pub struct MmioTransport {
     queue_sel: u32,
     status: u32,
     activated: bool,
+    /// DRIVER_OK was written and the event thread has not activated yet.
+    activation_pending: bool,
+    /// Written on DRIVER_OK to wake the event thread.
+    activate_evt: EventFd,
 }
 
 impl MmioTransport {
     /// Wraps `device`. `irqfd` is the eventfd the VMM registers with KVM for
     /// the device's GSI; one notify eventfd per queue is created here.
+    /// `activate_evt` is written when the driver sets DRIVER_OK: the event
+    /// thread watching it then calls [`MmioTransport::activate_pending`].
     pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemory,
         irqfd: EventFd,
+        activate_evt: EventFd,
     ) -> io::Result<MmioTransport> {
         let queues: Vec<QueueRegs> = device
             .queue_max_sizes()
@@ -191,6 +202,8 @@ impl MmioTransport {
             queue_sel: 0,
             status: 0,
             activated: false,
+            activation_pending: false,
+            activate_evt,
         })
     }
 
@@ -214,9 +227,14 @@ impl MmioTransport {
         &self.interrupt
     }
 
-    /// The device status register.
+    /// The device status register: DEVICE_NEEDS_RESET also when a worker
+    /// stopped on a corrupt ring.
     pub fn device_status(&self) -> u32 {
-        self.status
+        if self.interrupt.needs_reset() {
+            self.status | STATUS_DEVICE_NEEDS_RESET
+        } else {
+            self.status
+        }
     }
 
     /// Whether the device is serving its queues.
@@ -317,16 +335,34 @@ impl MmioTransport {
         }
         self.status = status | (self.status & STATUS_DEVICE_NEEDS_RESET);
         if added & status & STATUS_DRIVER_OK != 0 {
-            if let Err(err) = self.activate() {
-                error!(
-                    "virtio-mmio: cannot activate device type {}: {err}",
-                    self.device.device_type()
-                );
-                self.status |= STATUS_DEVICE_NEEDS_RESET;
-                if let Err(err) = self.interrupt.signal_config_change() {
-                    error!("virtio-mmio: cannot interrupt the guest: {err}");
-                }
+            self.activation_pending = true;
+            if let Err(err) = self.activate_evt.write(1) {
+                error!("virtio-mmio: cannot request the device's activation: {err}");
+                self.fail_activation();
             }
+        }
+    }
+
+    /// Activates the device if the driver set DRIVER_OK since the last
+    /// call (and did not reset it since). Runs on the event thread.
+    pub fn activate_pending(&mut self) {
+        if !std::mem::take(&mut self.activation_pending) {
+            return;
+        }
+        if let Err(err) = self.activate() {
+            error!(
+                "virtio-mmio: cannot activate device type {}: {}",
+                self.device.device_type(),
+                crate::error_chain(&err)
+            );
+            self.fail_activation();
+        }
+    }
+
+    fn fail_activation(&mut self) {
+        self.status |= STATUS_DEVICE_NEEDS_RESET;
+        if let Err(err) = self.interrupt.signal_config_change() {
+            error!("virtio-mmio: cannot interrupt the guest: {err}");
         }
     }
 
@@ -365,6 +401,7 @@ impl MmioTransport {
     fn reset(&mut self) {
         self.device.reset();
         self.activated = false;
+        self.activation_pending = false;
         for queue in &mut self.queues {
             *queue = QueueRegs::new(queue.max_size);
         }
@@ -373,7 +410,7 @@ impl MmioTransport {
         for evt in &self.queue_evts {
             let _ = evt.read();
         }
-        self.interrupt.status().store(0, Ordering::SeqCst);
+        self.interrupt.reset();
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
         self.driver_features = 0;
@@ -395,7 +432,7 @@ impl MmioTransport {
             REG_QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size)),
             REG_QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready)),
             REG_INTERRUPT_STATUS => self.interrupt.status().load(Ordering::SeqCst),
-            REG_STATUS => self.status,
+            REG_STATUS => self.device_status(),
             // No shared memory regions: a missing region has length and
             // base all ones.
             REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH | REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
@@ -526,6 +563,7 @@ mod tests {
         fn set_acked_features(&mut self, features: u64) {
             self.log.lock().unwrap().acked = Some(features);
         }
+        fn set_seccomp_filter(&mut self, _filter: seccompiler::BpfProgram) {}
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             for (i, b) in data.iter_mut().enumerate() {
                 *b = (offset as u8).wrapping_add(i as u8).wrapping_add(0x10);
@@ -572,6 +610,25 @@ mod tests {
         t: MmioTransport,
         log: Arc<Mutex<Log>>,
         irqfd: EventFd,
+        /// The transport's activation requests, as the event thread sees them.
+        activate_evt: EventFd,
+    }
+
+    /// A transport around `device` and the eventfd its DRIVER_OK writes.
+    fn transport(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemory,
+        irqfd: &EventFd,
+    ) -> (MmioTransport, EventFd) {
+        let activate_evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let t = MmioTransport::new(
+            device,
+            mem,
+            irqfd.try_clone().unwrap(),
+            activate_evt.try_clone().unwrap(),
+        )
+        .unwrap();
+        (t, activate_evt)
     }
 
     fn harness(sizes: &[u16], fail: bool) -> Harness {
@@ -582,9 +639,13 @@ mod tests {
             fail,
         };
         let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
-        let t = MmioTransport::new(Box::new(device), guest_memory(), irqfd.try_clone().unwrap())
-            .unwrap();
-        Harness { t, log, irqfd }
+        let (t, activate_evt) = transport(Box::new(device), guest_memory(), &irqfd);
+        Harness {
+            t,
+            log,
+            irqfd,
+            activate_evt,
+        }
     }
 
     impl Harness {
@@ -620,11 +681,19 @@ mod tests {
             self.w(REG_QUEUE_DEVICE_HIGH, (device >> 32) as u32);
             self.w(REG_QUEUE_READY, 1);
         }
+        /// Sets DRIVER_OK, then does what the event thread does.
         fn driver_ok(&mut self) {
             self.w(
                 REG_STATUS,
                 STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
             );
+            self.event_thread();
+        }
+        /// The event thread's part: an activation request, if one came.
+        fn event_thread(&mut self) {
+            if self.activate_evt.read().is_ok() {
+                self.t.activate_pending();
+            }
         }
     }
 
@@ -897,11 +966,12 @@ mod tests {
         let mem = guest_memory();
         let mut q = TestQueue::new(&mem, 0, 16);
         let irqfd = EventFd::new(EFD_NONBLOCK).unwrap();
-        let t = MmioTransport::new(Box::new(Rng::new()), mem, irqfd.try_clone().unwrap()).unwrap();
+        let (t, activate_evt) = transport(Box::new(Rng::new()), mem, &irqfd);
         let mut h = Harness {
             t,
             log: Arc::default(),
             irqfd,
+            activate_evt,
         };
         assert_eq!(h.r(REG_DEVICE_ID), 4);
         h.negotiate(VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX);
@@ -927,5 +997,44 @@ mod tests {
         q.add_chain(&[w]);
         h.w(REG_QUEUE_NOTIFY, 0);
         assert_eq!(q.wait_used(Duration::from_millis(100)), None);
+    }
+
+    #[test]
+    fn driver_ok_leaves_activation_to_the_event_thread() {
+        let mut h = harness(&[16], false);
+        h.negotiate(VIRTIO_F_VERSION_1);
+        h.setup_queue(0, 16, 0x1_0000, 0x1_1000, 0x1_2000);
+        h.w(REG_STATUS, ALL_OK);
+        // On the vCPU thread: a request, no activation.
+        assert!(!h.t.is_activated());
+        assert!(h.log.lock().unwrap().activations.is_empty());
+        assert!(readable_within(&h.activate_evt, Duration::ZERO));
+        h.event_thread();
+        assert!(h.t.is_activated());
+        assert_eq!(h.log.lock().unwrap().activations.len(), 1);
+        // A reset before the event thread gets there cancels the request.
+        h.w(REG_STATUS, 0);
+        h.negotiate(VIRTIO_F_VERSION_1);
+        h.setup_queue(0, 16, 0x1_0000, 0x1_1000, 0x1_2000);
+        h.w(REG_STATUS, ALL_OK);
+        h.w(REG_STATUS, 0);
+        h.event_thread();
+        assert!(!h.t.is_activated());
+        assert_eq!(h.log.lock().unwrap().activations.len(), 1);
+    }
+
+    #[test]
+    fn a_worker_asking_for_a_reset_shows_in_the_status() {
+        let mut h = harness(&[16], false);
+        h.negotiate(VIRTIO_F_VERSION_1);
+        h.setup_queue(0, 16, 0x1_0000, 0x1_1000, 0x1_2000);
+        h.driver_ok();
+        assert_eq!(h.r(REG_STATUS), ALL_OK);
+        h.t.interrupt().signal_needs_reset().unwrap();
+        assert_eq!(h.r(REG_STATUS), ALL_OK | STATUS_DEVICE_NEEDS_RESET);
+        assert_eq!(h.r(REG_INTERRUPT_STATUS), INT_CONFIG_CHANGE);
+        h.w(REG_STATUS, 0);
+        assert_eq!(h.r(REG_STATUS), 0);
+        assert_eq!(h.r(REG_INTERRUPT_STATUS), 0);
     }
 }

@@ -123,6 +123,16 @@ impl TestQueue {
         self.notify.write(1).unwrap();
     }
 
+    /// Writes the avail ring's index as a hostile driver would: `idx`
+    /// chains published in all, whatever the ring holds. Notifies.
+    pub fn set_avail_idx(&mut self, idx: u16) {
+        self.avail_idx = idx;
+        self.mem
+            .store(idx.to_le(), GuestAddress(self.avail + 2), Ordering::Release)
+            .unwrap();
+        self.notify.write(1).unwrap();
+    }
+
     /// Builds a well-formed chain from `descs` (indices taken round-robin)
     /// and publishes it; returns its head index.
     pub fn add_chain(&mut self, descs: &[Desc]) -> u16 {

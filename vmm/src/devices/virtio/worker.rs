@@ -1,19 +1,66 @@
-//! Helpers shared by device workers: a thread that waits on a set of fds and
-//! exits when told to, and the guest notification that follows used buffers.
+//! The one shape of every device worker: a thread (started at activation,
+//! stopped and joined on reset and drop) that runs a [`DeviceWorker`]'s
+//! epoll loop, plus the queue helpers workers share.
+//!
+//! A worker that finds its rings corrupt (see [`RingError`]) ends its loop:
+//! the device is marked DEVICE_NEEDS_RESET with a config-change interrupt
+//! and serves nothing until the driver resets it. It never spins on a ring
+//! it cannot make progress on, so a reset never waits on a busy thread.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use log::error;
+use log::{error, warn};
+use seccompiler::BpfProgram;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::device::{GuestMemory, Interrupt};
+use super::device::{
+    take_queues, ActivateError, ActivatedQueue, GuestMemory, Interrupt, VIRTIO_F_RING_EVENT_IDX,
+};
+use crate::logger::RateLimit;
 
-/// A device worker thread: calls its handler each time one of its fds is
-/// readable, until [`WorkerThread::stop`] (or drop) kills and joins it.
+/// The epoll token of the kill eventfd; workers use smaller tokens.
+const KILL_TOKEN: u64 = u64::MAX;
+
+/// How a ring breaks the virtio rules in a way no chain-level answer can
+/// repair: the device needs a reset.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// The driver's avail index is more than a queue size ahead of the
+    /// device, or the avail ring cannot be read.
+    #[error("Corrupt avail ring")]
+    Avail(#[source] virtio_queue::Error),
+    /// The event index or flags cannot be written.
+    #[error("Cannot update the used ring's notification state")]
+    Notification(#[source] virtio_queue::Error),
+}
+
+/// What a device does on its worker thread. [`WorkerThread::spawn`] polls
+/// [`DeviceWorker::epoll`] (level-triggered) and calls the worker for each
+/// event and after each batch.
+pub trait DeviceWorker: Send + 'static {
+    /// The epoll set of the worker's fds; it may add and remove fds as it
+    /// goes. [`KILL_TOKEN`] is the loop's own.
+    fn epoll(&self) -> &Epoll;
+    /// Handles one event of an fd registered under `token`. It must drain
+    /// the fd (read the eventfd) or take it out of the set.
+    fn handle_event(&mut self, token: u64, events: EventSet) -> Result<(), RingError>;
+    /// Serves whatever the events made possible; also called once when the
+    /// thread starts (kicks may have come before it existed) and after a
+    /// poll timeout.
+    fn process(&mut self) -> Result<(), RingError>;
+    /// How long the next wait may last, in ms (-1: no limit).
+    fn poll_timeout_ms(&self) -> i32 {
+        -1
+    }
+}
+
+/// A running device worker; [`WorkerThread::stop`] (or drop) kills and
+/// joins it.
 pub struct WorkerThread {
     name: String,
     kill: EventFd,
@@ -21,66 +68,51 @@ pub struct WorkerThread {
 }
 
 impl WorkerThread {
-    /// Starts thread `name`, which calls `handler(i)` whenever `fds[i]` is
-    /// readable. Polling is level-triggered, so the handler must drain the fd
-    /// it is called for (read the eventfd), and it must keep the fds open
-    /// (own them) for as long as it lives.
-    pub fn spawn<F>(name: String, fds: &[RawFd], mut handler: F) -> io::Result<Self>
-    where
-        F: FnMut(usize) + Send + 'static,
-    {
+    /// Starts thread `name` serving `worker`, under seccomp `filter` if
+    /// any. A corrupt ring marks the device DEVICE_NEEDS_RESET through
+    /// `interrupt` and ends the thread.
+    pub fn spawn<W: DeviceWorker>(
+        name: String,
+        interrupt: Arc<Interrupt>,
+        filter: Option<BpfProgram>,
+        mut worker: W,
+    ) -> io::Result<Self> {
         let kill = EventFd::new(EFD_NONBLOCK)?;
         let thread_kill = kill.try_clone()?;
-        let kill_token = fds.len() as u64;
         // Set up polling here so that a failure reaches the caller.
-        let watched: Vec<(RawFd, u64)> = fds
-            .iter()
-            .copied()
-            .zip(0u64..)
-            .chain([(thread_kill.as_raw_fd(), kill_token)])
-            .collect();
-        let epoll = epoll_on(&watched)?;
-        Self::spawn_loop(name, kill, move |thread_name| {
-            // Keeps the kill eventfd open while it is polled.
-            let _kill = thread_kill;
-            let mut events = vec![EpollEvent::default(); kill_token as usize + 1];
-            loop {
-                let n = match epoll.wait(-1, &mut events) {
-                    Ok(n) => n,
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(err) => {
-                        error!("{thread_name}: epoll failed, stopping: {err}");
-                        return;
-                    }
-                };
-                for event in &events[..n] {
-                    match event.data() {
-                        t if t == kill_token => return,
-                        t => handler(t as usize),
-                    }
-                }
-            }
-        })
-    }
-
-    /// Starts thread `name` running `run`, a worker with its own event loop
-    /// that must return once `kill` (or a clone of it it watches) becomes
-    /// readable. `run` gets the thread's name, for its logs.
-    pub fn spawn_loop<F>(name: String, kill: EventFd, run: F) -> io::Result<Self>
-    where
-        F: FnOnce(&str) + Send + 'static,
-    {
+        worker.epoll().ctl(
+            ControlOperation::Add,
+            thread_kill.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, KILL_TOKEN),
+        )?;
         // Names come from the VM configuration; std refuses a NUL in them.
         let name = name.replace('\0', "");
         let thread_name = name.clone();
         let thread = std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || run(&thread_name))?;
+            .spawn(move || {
+                // Keeps the kill eventfd open while it is polled.
+                let _kill = thread_kill;
+                if let Some(filter) = filter {
+                    if let Err(err) = seccompiler::apply_filter(&filter) {
+                        error!("{thread_name}: cannot install its seccomp filter: {err}");
+                        return;
+                    }
+                }
+                if let Err(err) = run(&mut worker) {
+                    ring_failed(&thread_name, &interrupt, &err);
+                }
+            })?;
         Ok(Self {
             name,
             kill,
             thread: Some(thread),
         })
+    }
+
+    /// Whether the thread has ended (killed, or stopped on a ring error).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
     /// Tells the thread to exit and waits for it.
@@ -109,8 +141,134 @@ impl Drop for WorkerThread {
     }
 }
 
+/// The loop of every worker thread: returns when killed (or epoll fails),
+/// or with the error of a corrupt ring.
+fn run<W: DeviceWorker>(worker: &mut W) -> Result<(), RingError> {
+    let mut events = [EpollEvent::default(); 32];
+    worker.process()?;
+    loop {
+        let n = match worker.epoll().wait(worker.poll_timeout_ms(), &mut events) {
+            Ok(n) => n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => {
+                error!("Device worker epoll failed, stopping: {err}");
+                return Ok(());
+            }
+        };
+        for event in &events[..n] {
+            match event.data() {
+                KILL_TOKEN => return Ok(()),
+                token => worker.handle_event(token, event.event_set())?,
+            }
+        }
+        worker.process()?;
+    }
+}
+
+/// Ring errors are the guest's doing: a guest that resets and breaks its
+/// rings in a loop must not flood the log.
+static RING_ERRORS: RateLimit = RateLimit::new();
+
+fn ring_failed(name: &str, interrupt: &Interrupt, err: &RingError) {
+    if RING_ERRORS.allow() {
+        error!(
+            "{name}: {}; stopped until the driver resets the device",
+            crate::error_chain(err)
+        );
+    }
+    if let Err(err) = interrupt.signal_needs_reset() {
+        error!("{name}: cannot interrupt the guest: {err}");
+    }
+}
+
+/// What every device keeps across activations: the features its driver
+/// accepted, its worker's seccomp filter and the worker thread serving its
+/// queues while it is active.
+#[derive(Default)]
+pub struct DeviceState {
+    acked_features: u64,
+    filter: Option<BpfProgram>,
+    worker: Option<WorkerThread>,
+}
+
+impl DeviceState {
+    /// Keeps the `features` the driver accepted out of those `offered`.
+    pub fn ack_features(&mut self, offered: u64, features: u64) {
+        self.acked_features = features & offered;
+    }
+
+    /// The seccomp filter the device's worker threads install.
+    pub fn set_seccomp_filter(&mut self, filter: BpfProgram) {
+        self.filter = Some(filter);
+    }
+
+    /// The first steps of every activation: takes the device's `N` queues,
+    /// stops the worker of an earlier activation, and switches the queues
+    /// to event-index notification if the driver accepted it.
+    pub fn begin_activation<const N: usize>(
+        &mut self,
+        queues: Vec<ActivatedQueue>,
+    ) -> Result<[ActivatedQueue; N], ActivateError> {
+        let mut queues = take_queues::<N>(queues)?;
+        self.stop_worker();
+        let event_idx = self.acked_features & VIRTIO_F_RING_EVENT_IDX != 0;
+        for q in &mut queues {
+            q.queue.set_event_idx(event_idx);
+        }
+        Ok(queues)
+    }
+
+    /// Starts thread `name` serving `worker` until the next activation,
+    /// reset or drop.
+    pub fn start_worker<W: DeviceWorker>(
+        &mut self,
+        name: String,
+        interrupt: Arc<Interrupt>,
+        worker: W,
+    ) -> Result<(), ActivateError> {
+        let thread = WorkerThread::spawn(name, interrupt, self.filter.clone(), worker)
+            .map_err(ActivateError::Thread)?;
+        self.worker = Some(thread);
+        Ok(())
+    }
+
+    /// Whether a worker serves the queues.
+    pub fn has_worker(&self) -> bool {
+        self.worker.as_ref().is_some_and(|w| !w.is_finished())
+    }
+
+    /// Stops the worker, if any, and waits for it.
+    pub fn stop_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+
+    /// Driver reset: no worker, no features.
+    pub fn reset(&mut self) {
+        self.stop_worker();
+        self.acked_features = 0;
+    }
+}
+
 /// A descriptor chain as a worker pops it.
 pub type Chain<'a> = DescriptorChain<&'a GuestMemory>;
+
+/// The next chain the driver made available on `queue`, if any; an error
+/// if the avail ring is corrupt.
+pub fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemory,
+) -> Result<Option<Chain<'m>>, RingError> {
+    Ok(queue.iter(mem).map_err(RingError::Avail)?.next())
+}
+
+/// Turns kicks back on; whether chains came in meanwhile (look again).
+pub fn reenable_notification(queue: &mut Queue, mem: &GuestMemory) -> Result<bool, RingError> {
+    queue
+        .enable_notification(mem)
+        .map_err(RingError::Notification)
+}
 
 /// What [`drain_queue`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +278,10 @@ pub struct Drained {
     /// `serve` left a chain for later; notifications are still off.
     pub paused: bool,
 }
+
+/// Chains the guest cannot get back (a head index past the queue); one
+/// guest could otherwise write a log line per chain.
+static UNRETURNABLE: RateLimit = RateLimit::new();
 
 /// Hands every chain the driver made available on `queue` to `serve` and
 /// returns it to the used ring with the byte count `serve` wrote into it.
@@ -131,41 +293,44 @@ pub fn drain_queue<'m, F>(
     mem: &'m GuestMemory,
     what: impl std::fmt::Display,
     mut serve: F,
-) -> Drained
+) -> Result<Drained, RingError>
 where
     F: FnMut(Chain<'m>) -> Option<u32>,
 {
     let mut used = false;
     loop {
         let _ = queue.disable_notification(mem);
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = next_chain(queue, mem)? {
             let head = chain.head_index();
             let Some(len) = serve(chain) else {
                 queue.go_to_previous_position();
-                return Drained { used, paused: true };
+                return Ok(Drained { used, paused: true });
             };
-            if let Err(err) = queue.add_used(mem, head, len) {
-                error!("{what}: cannot return a chain: {err}");
+            match queue.add_used(mem, head, len) {
+                Ok(()) => used = true,
+                Err(err) if UNRETURNABLE.allow() => {
+                    warn!("{what}: cannot return a chain: {err}")
+                }
+                Err(_) => {}
             }
-            used = true;
         }
-        if !matches!(queue.enable_notification(mem), Ok(true)) {
-            return Drained {
+        if !reenable_notification(queue, mem)? {
+            return Ok(Drained {
                 used,
                 paused: false,
-            };
+            });
         }
     }
 }
 
 /// An epoll instance that reports each `(fd, token)` pair's fd, when
 /// readable, with its token.
-pub fn epoll_on(fds: &[(RawFd, u64)]) -> io::Result<Epoll> {
+pub fn epoll_on(fds: &[(&dyn AsRawFd, u64)]) -> io::Result<Epoll> {
     let epoll = Epoll::new()?;
     for &(fd, token) in fds {
         epoll.ctl(
             ControlOperation::Add,
-            fd,
+            fd.as_raw_fd(),
             EpollEvent::new(EventSet::IN, token),
         )?;
     }
@@ -195,32 +360,94 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::devices::virtio::test_driver::{
+        guest_memory, interrupt, readable_within, TestQueue,
+    };
+
+    /// Reports each event's token, and fails with a ring error on token 1.
+    struct Probe {
+        epoll: Epoll,
+        fds: [EventFd; 2],
+        tx: mpsc::Sender<u64>,
+    }
+
+    impl DeviceWorker for Probe {
+        fn epoll(&self) -> &Epoll {
+            &self.epoll
+        }
+        fn handle_event(&mut self, token: u64, _: EventSet) -> Result<(), RingError> {
+            let _ = self.fds[token as usize].read();
+            self.tx.send(token).unwrap();
+            if token == 1 {
+                return Err(RingError::Avail(virtio_queue::Error::InvalidAvailRingIndex));
+            }
+            Ok(())
+        }
+        fn process(&mut self) -> Result<(), RingError> {
+            Ok(())
+        }
+    }
+
+    fn probe() -> (Probe, [EventFd; 2], mpsc::Receiver<u64>) {
+        let fds = [
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        ];
+        let epoll = epoll_on(&[(&fds[0], 0), (&fds[1], 1)]).unwrap();
+        let ours = [fds[0].try_clone().unwrap(), fds[1].try_clone().unwrap()];
+        let (tx, rx) = mpsc::channel();
+        (Probe { epoll, fds, tx }, ours, rx)
+    }
 
     #[test]
-    fn handler_sees_its_fd_and_stop_joins() {
-        let a = EventFd::new(EFD_NONBLOCK).unwrap();
-        let b = EventFd::new(EFD_NONBLOCK).unwrap();
-        let (tx, rx) = mpsc::channel();
-        let (a2, b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-        let worker = WorkerThread::spawn(
-            "worker\0test".into(),
-            &[a.as_raw_fd(), b.as_raw_fd()],
-            move |i| {
-                let fd = if i == 0 { &a2 } else { &b2 };
-                let _ = fd.read();
-                tx.send(i).unwrap();
-            },
-        )
-        .unwrap();
-        b.write(1).unwrap();
-        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(1));
-        a.write(1).unwrap();
+    fn worker_sees_its_fds_and_stop_joins() {
+        let (worker, fds, rx) = probe();
+        let (irq, _) = interrupt();
+        let thread = WorkerThread::spawn("worker\0test".into(), irq, None, worker).unwrap();
+        fds[0].write(1).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(0));
-        worker.stop();
-        // The handler (and its sender) went away with the thread.
+        thread.stop();
+        // The worker (and its sender) went away with the thread.
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(5)),
             Err(mpsc::RecvTimeoutError::Disconnected)
         );
+    }
+
+    #[test]
+    fn a_ring_error_ends_the_worker_and_asks_for_a_reset() {
+        let (worker, fds, rx) = probe();
+        let (irq, irqfd) = interrupt();
+        let thread = WorkerThread::spawn("worker-bad".into(), irq.clone(), None, worker).unwrap();
+        fds[1].write(1).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(1));
+        // The thread ends by itself: its sender goes away.
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Err(mpsc::RecvTimeoutError::Disconnected)
+        );
+        assert!(irq.needs_reset());
+        assert!(readable_within(&irqfd, Duration::from_secs(5)));
+        // Stopping a thread that already ended returns at once.
+        thread.stop();
+    }
+
+    #[test]
+    fn drain_queue_refuses_an_avail_index_past_the_queue_size() {
+        let mem = guest_memory();
+        let mut tq = TestQueue::new(&mem, 0, 16);
+        let mut queue = tq.activated(true).queue;
+        tq.set_avail_idx(17);
+        let mut served = 0;
+        let res = drain_queue(&mut queue, &mem, "test", |_| {
+            served += 1;
+            Some(0)
+        });
+        assert!(matches!(res, Err(RingError::Avail(_))), "{res:?}");
+        assert_eq!(served, 0);
+        // Within a queue size it is fine (the chains are zeroed descriptors).
+        tq.set_avail_idx(16);
+        let res = drain_queue(&mut queue, &mem, "test", |_| Some(0)).unwrap();
+        assert!(res.used);
     }
 }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::error;
+use seccompiler::BpfProgram;
 use virtio_queue::Queue;
+use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, Backing};
@@ -18,10 +20,12 @@ use super::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
 };
 use crate::devices::virtio::device::{
-    read_config_bytes, ActivateError, ActivatedQueue, DeviceState, GuestMemory, Interrupt,
-    VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, ActivatedQueue, GuestMemory, Interrupt, VirtioDevice,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
-use crate::devices::virtio::worker::{drain_queue, notify_used, WorkerThread};
+use crate::devices::virtio::worker::{
+    drain_queue, epoll_on, notify_used, DeviceState, DeviceWorker, RingError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -280,6 +284,10 @@ impl VirtioDevice for Block {
         self.state.ack_features(self.avail_features(), features);
     }
 
+    fn set_seccomp_filter(&mut self, filter: BpfProgram) {
+        self.state.set_seccomp_filter(filter);
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space(), offset, data);
     }
@@ -293,7 +301,8 @@ impl VirtioDevice for Block {
         let [queue] = self.state.begin_activation(queues)?;
         // No config-change interrupts until the new worker runs.
         self.shared.lock().interrupt = None;
-        let mut worker = Worker {
+        let worker = Worker {
+            epoll: epoll_on(&[(&queue.notify, 0)]).map_err(ActivateError::Backend)?,
             mem,
             interrupt: interrupt.clone(),
             queue: queue.queue,
@@ -301,12 +310,8 @@ impl VirtioDevice for Block {
             shared: self.shared.clone(),
             serial: self.serial,
         };
-        let notify_fd = worker.notify.as_raw_fd();
-        let thread = WorkerThread::spawn(format!("blk-{}", self.id()), &[notify_fd], move |_| {
-            worker.handle_notify()
-        })
-        .map_err(ActivateError::Thread)?;
-        self.state.set_worker(thread);
+        let name = format!("blk-{}", self.id());
+        self.state.start_worker(name, interrupt.clone(), worker)?;
         self.shared.lock().interrupt = Some(interrupt);
         Ok(())
     }
@@ -319,6 +324,8 @@ impl VirtioDevice for Block {
 
 /// Serves the request queue on the worker thread.
 struct Worker {
+    /// Watches `notify` (token 0).
+    epoll: Epoll,
     mem: GuestMemory,
     interrupt: Arc<Interrupt>,
     queue: Queue,
@@ -327,14 +334,18 @@ struct Worker {
     serial: [u8; VIRTIO_BLK_ID_BYTES],
 }
 
-impl Worker {
-    fn handle_notify(&mut self) {
-        // Drains the kick; the queue itself says what is pending.
-        let _ = self.notify.read();
-        self.process_queue();
+impl DeviceWorker for Worker {
+    fn epoll(&self) -> &Epoll {
+        &self.epoll
     }
 
-    fn process_queue(&mut self) {
+    fn handle_event(&mut self, _token: u64, _events: EventSet) -> Result<(), RingError> {
+        // Drains the kick; the queue itself says what is pending.
+        let _ = self.notify.read();
+        Ok(())
+    }
+
+    fn process(&mut self) -> Result<(), RingError> {
         // Chains borrow the memory while the queue changes; the clone is a
         // few reference counts.
         let mem = self.mem.clone();
@@ -342,10 +353,11 @@ impl Worker {
         let drained = drain_queue(&mut self.queue, &mem, what, |chain| {
             let backing = self.shared.backing();
             Some(request::process(chain, &mem, &backing, &self.serial))
-        });
+        })?;
         if drained.used {
             notify_used(&mut self.queue, &mem, &self.interrupt, "block");
         }
+        Ok(())
     }
 }
 
@@ -883,6 +895,40 @@ mod tests {
             .replace_backing(file.as_path().into(), false)
             .unwrap();
         assert_eq!(block.handle().capacity(), 3);
+    }
+
+    #[test]
+    fn corrupt_avail_index_needs_a_reset_and_stops_the_worker() {
+        let file = disk(4);
+        let mut h = start(Block::new("ring", Some(file.as_path()), false, None).unwrap());
+        assert_eq!(h.read_sectors(1, 1).1, VIRTIO_BLK_S_OK);
+        // Once the worker thread ends its name is gone from /proc.
+        assert!(h.block.state.has_worker());
+        h.queue
+            .set_avail_idx(h.queue.used_idx().wrapping_add(QUEUE_SIZE + 1));
+        let deadline = std::time::Instant::now() + WAIT;
+        while !h.irq.needs_reset() || h.block.state.has_worker() {
+            assert!(std::time::Instant::now() < deadline, "device still running");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_ne!(
+            h.irq.status().load(std::sync::atomic::Ordering::SeqCst) & INT_CONFIG_CHANGE,
+            0
+        );
+        // The reset does not wait on a busy worker.
+        let t = std::time::Instant::now();
+        h.block.reset();
+        assert!(t.elapsed() < Duration::from_secs(1));
+        h.irq.reset();
+        // And the device works again on fresh rings.
+        let mem = guest_memory();
+        h.queue = TestQueue::new(&mem, 1, 16);
+        h.block.set_acked_features(VIRTIO_F_VERSION_1);
+        h.block
+            .activate(mem, h.irq.clone(), vec![h.queue.activated(false)])
+            .unwrap();
+        assert_eq!(h.read_sectors(2, 1).1, VIRTIO_BLK_S_OK);
+        assert!(!h.irq.needs_reset());
     }
 
     #[test]

@@ -6,19 +6,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use log::{debug, error, warn};
+use seccompiler::BpfProgram;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::{Tap, TapError};
 use super::{
     MAX_FRAME_LEN, QUEUE_SIZE, RX_INDEX, TX_INDEX, TYPE_NET, VIRTIO_NET_F_MAC, VNET_HDR_LEN,
 };
 use crate::devices::virtio::device::{
-    read_config_bytes, ActivateError, ActivatedQueue, DeviceState, GuestMemory, Interrupt,
-    VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, ActivatedQueue, GuestMemory, Interrupt, VirtioDevice,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
-use crate::devices::virtio::worker::{drain_queue, epoll_on, notify_used, Chain, WorkerThread};
+use crate::devices::virtio::worker::{
+    drain_queue, epoll_on, next_chain, notify_used, reenable_notification, Chain, DeviceState,
+    DeviceWorker, RingError,
+};
 
 /// Where the device's tap comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +153,10 @@ impl VirtioDevice for Net {
         self.state.ack_features(self.avail_features(), features);
     }
 
+    fn set_seccomp_filter(&mut self, filter: BpfProgram) {
+        self.state.set_seccomp_filter(filter);
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.mac, offset, data);
     }
@@ -160,22 +168,17 @@ impl VirtioDevice for Net {
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), ActivateError> {
         let [rx, tx] = self.state.begin_activation(queues)?;
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Backend)?;
-        let mut worker = Worker::new(
+        let worker = Worker::new(
             mem,
-            interrupt,
+            interrupt.clone(),
             rx,
             tx,
             self.tap.clone(),
-            kill.try_clone().map_err(ActivateError::Backend)?,
             self.metrics.clone(),
         )
         .map_err(ActivateError::Backend)?;
-        let thread =
-            WorkerThread::spawn_loop(format!("net-{}", self.id), kill, move |_| worker.run())
-                .map_err(ActivateError::Thread)?;
-        self.state.set_worker(thread);
-        Ok(())
+        self.state
+            .start_worker(format!("net-{}", self.id), interrupt, worker)
     }
 
     fn reset(&mut self) {
@@ -183,7 +186,6 @@ impl VirtioDevice for Net {
     }
 }
 
-const TOKEN_KILL: u64 = 0;
 const TOKEN_RX: u64 = 1;
 const TOKEN_TX: u64 = 2;
 const TOKEN_TAP: u64 = 3;
@@ -196,8 +198,6 @@ struct Worker {
     tx: Queue,
     tx_evt: EventFd,
     tap: Arc<Tap>,
-    /// Registered in `epoll`; kept open for the worker's lifetime.
-    _kill: EventFd,
     epoll: Epoll,
     metrics: Arc<NetMetrics>,
     /// A frame read from the tap, waiting for a guest rx buffer.
@@ -207,6 +207,9 @@ struct Worker {
     /// Whether the tap is in the epoll set: it leaves it while the guest has
     /// no rx buffers, so a readable tap does not wake us in a loop.
     tap_polled: bool,
+    /// Events since the last [`DeviceWorker::process`] call.
+    rx_work: bool,
+    tx_work: bool,
 }
 
 impl Worker {
@@ -216,14 +219,9 @@ impl Worker {
         rx: ActivatedQueue,
         tx: ActivatedQueue,
         tap: Arc<Tap>,
-        kill: EventFd,
         metrics: Arc<NetMetrics>,
     ) -> io::Result<Self> {
-        let epoll = epoll_on(&[
-            (kill.as_raw_fd(), TOKEN_KILL),
-            (rx.notify.as_raw_fd(), TOKEN_RX),
-            (tx.notify.as_raw_fd(), TOKEN_TX),
-        ])?;
+        let epoll = epoll_on(&[(&rx.notify, TOKEN_RX), (&tx.notify, TOKEN_TX)])?;
         let mut worker = Worker {
             mem,
             interrupt,
@@ -232,13 +230,15 @@ impl Worker {
             tx: tx.queue,
             tx_evt: tx.notify,
             tap,
-            _kill: kill,
             epoll,
             metrics,
             rx_frame: vec![0u8; MAX_FRAME_LEN],
             rx_pending: None,
             tx_frame: vec![0u8; MAX_FRAME_LEN],
             tap_polled: false,
+            // Kicks may have come before the worker existed.
+            rx_work: true,
+            tx_work: true,
         };
         worker.set_tap_polled(true)?;
         Ok(worker)
@@ -262,51 +262,6 @@ impl Worker {
         Ok(())
     }
 
-    fn run(&mut self) {
-        // Kicks may have come before the worker existed.
-        self.process_tx();
-        self.process_rx();
-        let mut events = [EpollEvent::default(); 8];
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(err) => {
-                    error!("net {}: epoll failed, stopping: {err}", self.tap.name());
-                    return;
-                }
-            };
-            let mut rx_work = false;
-            for event in &events[..n] {
-                match event.data() {
-                    TOKEN_KILL => return,
-                    TOKEN_RX => {
-                        let _ = self.rx_evt.read();
-                        rx_work = true;
-                    }
-                    TOKEN_TX => {
-                        let _ = self.tx_evt.read();
-                        self.process_tx();
-                    }
-                    TOKEN_TAP => {
-                        if event.event_set().contains(EventSet::ERROR) {
-                            // The tap was deleted under us: nothing more
-                            // will come, and its error would wake us forever.
-                            error!("net {}: tap failed, no more rx", self.tap.name());
-                            let _ = self.set_tap_polled(false);
-                        } else {
-                            rx_work = true;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            if rx_work {
-                self.process_rx();
-            }
-        }
-    }
-
     fn signal(&mut self, which: usize) {
         let queue = if which == RX_INDEX {
             &mut self.rx
@@ -318,7 +273,7 @@ impl Worker {
     }
 
     /// Moves frames from the tap into guest rx buffers until one side runs dry.
-    fn process_rx(&mut self) {
+    fn process_rx(&mut self) -> Result<(), RingError> {
         // Chains borrow the memory while `self` changes; the clone is a few
         // reference counts.
         let mem = self.mem.clone();
@@ -347,11 +302,11 @@ impl Worker {
                     }
                 },
             };
-            match self.rx.pop_descriptor_chain(&mem) {
+            match next_chain(&mut self.rx, &mem)? {
                 Some(chain) => used |= self.deliver(&mem, chain, len),
                 None => {
                     // New buffers may have raced with re-enabling the kick.
-                    if matches!(self.rx.enable_notification(&mem), Ok(true)) {
+                    if reenable_notification(&mut self.rx, &mem)? {
                         continue;
                     }
                     // Park the frame; the guest's rx kick resumes us.
@@ -368,6 +323,7 @@ impl Worker {
         if used {
             self.signal(RX_INDEX);
         }
+        Ok(())
     }
 
     /// Writes the pending frame of `len` bytes into `chain`. Returns whether
@@ -409,17 +365,56 @@ impl Worker {
     }
 
     /// Sends every frame the guest queued to the tap.
-    fn process_tx(&mut self) {
+    fn process_tx(&mut self) -> Result<(), RingError> {
         let mem = self.mem.clone();
         let what = format_args!("net {}", self.tap.name());
         let drained = drain_queue(&mut self.tx, &mem, what, |chain| {
             send_frame(&self.tap, &self.metrics, &mut self.tx_frame, &mem, chain);
             // The device writes nothing into tx buffers.
             Some(0)
-        });
+        })?;
         if drained.used {
             self.signal(TX_INDEX);
         }
+        Ok(())
+    }
+}
+
+impl DeviceWorker for Worker {
+    fn epoll(&self) -> &Epoll {
+        &self.epoll
+    }
+
+    fn handle_event(&mut self, token: u64, events: EventSet) -> Result<(), RingError> {
+        match token {
+            TOKEN_RX => {
+                let _ = self.rx_evt.read();
+                self.rx_work = true;
+            }
+            TOKEN_TX => {
+                let _ = self.tx_evt.read();
+                self.tx_work = true;
+            }
+            TOKEN_TAP if events.contains(EventSet::ERROR) => {
+                // The tap was deleted under us: nothing more will come, and
+                // its error would wake us forever.
+                error!("net {}: tap failed, no more rx", self.tap.name());
+                let _ = self.set_tap_polled(false);
+            }
+            TOKEN_TAP => self.rx_work = true,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn process(&mut self) -> Result<(), RingError> {
+        if std::mem::take(&mut self.tx_work) {
+            self.process_tx()?;
+        }
+        if std::mem::take(&mut self.rx_work) {
+            self.process_rx()?;
+        }
+        Ok(())
     }
 }
 
@@ -479,6 +474,7 @@ mod tests {
         rxq: TestQueue,
         txq: TestQueue,
         sock: PacketSocket,
+        irq: Arc<Interrupt>,
     }
 
     /// A tap `name` in the current namespace with an activated device on it.
@@ -495,14 +491,19 @@ mod tests {
         let txq = TestQueue::new(&mem, 1, 16);
         net.set_acked_features(net.avail_features());
         let (irq, _) = interrupt();
-        net.activate(mem, irq, vec![rxq.activated(true), txq.activated(true)])
-            .unwrap();
+        net.activate(
+            mem,
+            irq.clone(),
+            vec![rxq.activated(true), txq.activated(true)],
+        )
+        .unwrap();
         let sock = PacketSocket::bind(name);
         Harness {
             net,
             rxq,
             txq,
             sock,
+            irq,
         }
     }
 
@@ -703,6 +704,25 @@ mod tests {
                 assert_eq!(&data[VNET_HDR_LEN..], &f[..]);
             }
             assert_eq!(h.net.metrics().rx_frames.load(Ordering::Relaxed), 3);
+        });
+    }
+
+    #[test]
+    fn corrupt_rx_avail_index_needs_a_reset_without_spinning() {
+        in_netns(|| {
+            let mut h = start("mring0", "ring");
+            // A frame waits for a buffer while the rx ring claims more
+            // chains than it has.
+            h.sock.send(&test_frame(MAC, 1, 100));
+            h.rxq.set_avail_idx(QUEUE_SIZE + 1);
+            let deadline = std::time::Instant::now() + WAIT;
+            while !h.irq.needs_reset() || h.net.state.has_worker() {
+                assert!(std::time::Instant::now() < deadline, "worker still runs");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let t = std::time::Instant::now();
+            h.net.reset();
+            assert!(t.elapsed() < Duration::from_secs(1));
         });
     }
 

@@ -1,19 +1,22 @@
 //! The virtio-rng device and its worker thread.
 
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use log::error;
+use seccompiler::BpfProgram;
 use virtio_queue::Queue;
+use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{MAX_BYTES_PER_REQUEST, QUEUE_SIZE, TYPE_RNG};
 use crate::devices::virtio::device::{
-    ActivateError, ActivatedQueue, DeviceState, GuestMemory, Interrupt, VirtioDevice,
-    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+    ActivateError, ActivatedQueue, GuestMemory, Interrupt, VirtioDevice, VIRTIO_F_RING_EVENT_IDX,
+    VIRTIO_F_VERSION_1,
 };
-use crate::devices::virtio::worker::{drain_queue, notify_used, Chain, WorkerThread};
+use crate::devices::virtio::worker::{
+    drain_queue, epoll_on, notify_used, Chain, DeviceState, DeviceWorker, RingError,
+};
 
 /// virtio-rng: fills every device-writable buffer the guest queues with
 /// random bytes, up to [`MAX_BYTES_PER_REQUEST`] per chain.
@@ -45,6 +48,10 @@ impl VirtioDevice for Rng {
         self.state.ack_features(self.avail_features(), features);
     }
 
+    fn set_seccomp_filter(&mut self, filter: BpfProgram) {
+        self.state.set_seccomp_filter(filter);
+    }
+
     /// virtio-rng has no configuration space.
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -57,19 +64,15 @@ impl VirtioDevice for Rng {
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), ActivateError> {
         let [queue] = self.state.begin_activation(queues)?;
-        let mut worker = Worker {
+        let worker = Worker {
+            epoll: epoll_on(&[(&queue.notify, 0)]).map_err(ActivateError::Backend)?,
             mem,
-            interrupt,
+            interrupt: interrupt.clone(),
             queue: queue.queue,
             notify: queue.notify,
             buf: vec![0u8; MAX_BYTES_PER_REQUEST],
         };
-        let notify_fd = worker.notify.as_raw_fd();
-        let thread =
-            WorkerThread::spawn("rng".into(), &[notify_fd], move |_| worker.handle_notify())
-                .map_err(ActivateError::Thread)?;
-        self.state.set_worker(thread);
-        Ok(())
+        self.state.start_worker("rng".into(), interrupt, worker)
     }
 
     fn reset(&mut self) {
@@ -97,6 +100,8 @@ fn fill_random(buf: &mut [u8]) -> io::Result<()> {
 }
 
 struct Worker {
+    /// Watches `notify` (token 0).
+    epoll: Epoll,
     mem: GuestMemory,
     interrupt: Arc<Interrupt>,
     queue: Queue,
@@ -104,20 +109,25 @@ struct Worker {
     buf: Vec<u8>,
 }
 
-impl Worker {
-    fn handle_notify(&mut self) {
-        let _ = self.notify.read();
-        self.process_queue();
+impl DeviceWorker for Worker {
+    fn epoll(&self) -> &Epoll {
+        &self.epoll
     }
 
-    fn process_queue(&mut self) {
+    fn handle_event(&mut self, _token: u64, _events: EventSet) -> Result<(), RingError> {
+        let _ = self.notify.read();
+        Ok(())
+    }
+
+    fn process(&mut self) -> Result<(), RingError> {
         let mem = self.mem.clone();
         let drained = drain_queue(&mut self.queue, &mem, "rng", |chain| {
             Some(fill_chain(&mut self.buf, &mem, chain))
-        });
+        })?;
         if drained.used {
             notify_used(&mut self.queue, &mem, &self.interrupt, "rng");
         }
+        Ok(())
     }
 }
 

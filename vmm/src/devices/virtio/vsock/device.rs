@@ -1,7 +1,6 @@
 //! The virtio-vsock device and its worker thread.
 
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -9,19 +8,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::error;
+use seccompiler::BpfProgram;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::epoll::EpollEvent;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::epoll::{Epoll, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::CONNECT_TIMEOUT;
 use super::muxer::{Endpoint, Muxer, TOKEN_LISTENER};
 use super::packet::{Header, HDR_LEN, MAX_PAYLOAD};
 use super::{QUEUE_SIZE, RX_INDEX, TX_INDEX, TYPE_VSOCK};
 use crate::devices::virtio::device::{
-    read_config_bytes, ActivateError, ActivatedQueue, DeviceState, GuestMemory, Interrupt,
-    VirtioDevice, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, ActivatedQueue, GuestMemory, Interrupt, VirtioDevice,
+    VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
-use crate::devices::virtio::worker::{drain_queue, epoll_on, notify_used, Chain, WorkerThread};
+use crate::devices::virtio::worker::{
+    drain_queue, epoll_on, next_chain, notify_used, reenable_notification, Chain, DeviceState,
+    DeviceWorker, RingError,
+};
 
 /// `sun_path` holds 108 bytes, the terminating NUL included.
 const SUN_PATH_MAX: usize = 107;
@@ -109,6 +112,10 @@ impl VirtioDevice for Vsock {
         self.state.ack_features(self.avail_features(), features);
     }
 
+    fn set_seccomp_filter(&mut self, filter: BpfProgram) {
+        self.state.set_seccomp_filter(filter);
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.endpoint.guest_cid.to_le_bytes(), offset, data);
     }
@@ -120,23 +127,10 @@ impl VirtioDevice for Vsock {
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), ActivateError> {
         let queues = self.state.begin_activation(queues)?;
-        let kill = EventFd::new(EFD_NONBLOCK).map_err(ActivateError::Backend)?;
-        let mut worker = Worker::new(
-            mem,
-            interrupt,
-            queues,
-            kill.try_clone().map_err(ActivateError::Backend)?,
-            self.endpoint.clone(),
-        )
-        .map_err(ActivateError::Backend)?;
-        let thread = WorkerThread::spawn_loop(
-            format!("vsock-{}", self.endpoint.guest_cid),
-            kill,
-            move |_| worker.run(),
-        )
-        .map_err(ActivateError::Thread)?;
-        self.state.set_worker(thread);
-        Ok(())
+        let worker = Worker::new(mem, interrupt.clone(), queues, self.endpoint.clone())
+            .map_err(ActivateError::Backend)?;
+        let name = format!("vsock-{}", self.endpoint.guest_cid);
+        self.state.start_worker(name, interrupt, worker)
     }
 
     /// Stops the worker; every connection is closed with it.
@@ -154,7 +148,6 @@ impl Drop for Vsock {
     }
 }
 
-const TOKEN_KILL: u64 = 0;
 const TOKEN_RX: u64 = 1;
 const TOKEN_TX: u64 = 2;
 const TOKEN_EVT: u64 = 3;
@@ -169,8 +162,6 @@ struct Worker {
     rx_evt: EventFd,
     tx_evt: EventFd,
     evt_evt: EventFd,
-    /// Registered in the muxer's epoll; kept open for the worker's lifetime.
-    _kill: EventFd,
     muxer: Muxer,
     payload: Vec<u8>,
 }
@@ -180,15 +171,13 @@ impl Worker {
         mem: GuestMemory,
         interrupt: Arc<Interrupt>,
         queues: [ActivatedQueue; 3],
-        kill: EventFd,
         endpoint: Endpoint,
     ) -> io::Result<Self> {
         let [rx, tx, evt] = queues;
         let epoll = epoll_on(&[
-            (kill.as_raw_fd(), TOKEN_KILL),
-            (rx.notify.as_raw_fd(), TOKEN_RX),
-            (tx.notify.as_raw_fd(), TOKEN_TX),
-            (evt.notify.as_raw_fd(), TOKEN_EVT),
+            (&rx.notify, TOKEN_RX),
+            (&tx.notify, TOKEN_TX),
+            (&evt.notify, TOKEN_EVT),
         ])?;
         let muxer = Muxer::new(endpoint, epoll)?;
         Ok(Worker {
@@ -200,57 +189,21 @@ impl Worker {
             rx_evt: rx.notify,
             tx_evt: tx.notify,
             evt_evt: evt.notify,
-            _kill: kill,
             muxer,
             payload: vec![0u8; MAX_PAYLOAD],
         })
     }
 
-    fn run(&mut self) {
-        let mut events = [EpollEvent::default(); 32];
-        loop {
-            self.process_queues();
-            let timeout = self.muxer.poll_timeout_ms(Instant::now());
-            let n = match self.muxer.epoll().wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(err) => {
-                    error!("vsock: epoll failed, stopping: {err}");
-                    return;
-                }
-            };
-            for event in &events[..n] {
-                match event.data() {
-                    TOKEN_KILL => return,
-                    TOKEN_RX => {
-                        let _ = self.rx_evt.read();
-                    }
-                    TOKEN_TX => {
-                        let _ = self.tx_evt.read();
-                    }
-                    TOKEN_EVT => {
-                        let _ = self.evt_evt.read();
-                    }
-                    token if token >= TOKEN_LISTENER => {
-                        self.muxer.handle_event(token, event.event_set())
-                    }
-                    _ => {}
-                }
-            }
-            self.muxer.check_deadlines(Instant::now());
-        }
-    }
-
     /// Serves both queues until neither can make progress. Guest packets
     /// wait while too many RSTs are queued for it, and go again once rx
     /// drained some.
-    fn process_queues(&mut self) {
+    fn process_queues(&mut self) -> Result<(), RingError> {
         let mut rx_used = false;
         let mut tx_used = false;
         loop {
-            let (tx_progress, tx_throttled) = self.process_tx();
+            let (tx_progress, tx_throttled) = self.process_tx()?;
             tx_used |= tx_progress;
-            let rx_progress = self.process_rx();
+            let rx_progress = self.process_rx()?;
             rx_used |= rx_progress;
             if !(tx_throttled && rx_progress) {
                 break;
@@ -262,6 +215,7 @@ impl Worker {
         if tx_used {
             self.signal(TX_INDEX);
         }
+        Ok(())
     }
 
     fn signal(&mut self, which: usize) {
@@ -275,7 +229,7 @@ impl Worker {
 
     /// Returns (whether chains were used, whether it stopped on a full RST
     /// backlog).
-    fn process_tx(&mut self) -> (bool, bool) {
+    fn process_tx(&mut self) -> Result<(bool, bool), RingError> {
         // Chains borrow the memory while `self` changes; the clone is a few
         // reference counts.
         let mem = self.mem.clone();
@@ -286,19 +240,19 @@ impl Worker {
             handle_tx_chain(&mut self.muxer, &mut self.payload, &mem, chain);
             // The device writes nothing into tx buffers.
             Some(0)
-        });
-        (drained.used, drained.paused)
+        })?;
+        Ok((drained.used, drained.paused))
     }
 
     /// Fills guest rx buffers while the muxer has packets. Returns whether
     /// chains were used.
-    fn process_rx(&mut self) -> bool {
+    fn process_rx(&mut self) -> Result<bool, RingError> {
         let mem = self.mem.clone();
         let mut used = false;
         while self.muxer.has_rx() {
-            let Some(chain) = self.rx.pop_descriptor_chain(&mem) else {
+            let Some(chain) = next_chain(&mut self.rx, &mem)? else {
                 // New buffers may have raced with re-enabling the kick.
-                if matches!(self.rx.enable_notification(&mem), Ok(true)) {
+                if reenable_notification(&mut self.rx, &mem)? {
                     continue;
                 }
                 break;
@@ -324,7 +278,39 @@ impl Worker {
                 }
             }
         }
-        used
+        Ok(used)
+    }
+}
+
+impl DeviceWorker for Worker {
+    fn epoll(&self) -> &Epoll {
+        self.muxer.epoll()
+    }
+
+    fn handle_event(&mut self, token: u64, events: EventSet) -> Result<(), RingError> {
+        match token {
+            TOKEN_RX => {
+                let _ = self.rx_evt.read();
+            }
+            TOKEN_TX => {
+                let _ = self.tx_evt.read();
+            }
+            TOKEN_EVT => {
+                let _ = self.evt_evt.read();
+            }
+            token if token >= TOKEN_LISTENER => self.muxer.handle_event(token, events),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn process(&mut self) -> Result<(), RingError> {
+        self.muxer.check_deadlines(Instant::now());
+        self.process_queues()
+    }
+
+    fn poll_timeout_ms(&self) -> i32 {
+        self.muxer.poll_timeout_ms(Instant::now())
     }
 }
 
@@ -378,6 +364,7 @@ mod tests {
         rx_bufs: HashMap<u16, Desc>,
         dir: PathBuf,
         uds: PathBuf,
+        irq: Arc<Interrupt>,
     }
 
     fn test_dir(name: &str) -> PathBuf {
@@ -409,7 +396,7 @@ mod tests {
             let (irq, _) = interrupt();
             dev.activate(
                 mem,
-                irq,
+                irq.clone(),
                 vec![
                     rxq.activated(true),
                     txq.activated(true),
@@ -425,6 +412,7 @@ mod tests {
                 rx_bufs: HashMap::new(),
                 dir,
                 uds,
+                irq,
             }
         }
 
@@ -937,6 +925,23 @@ mod tests {
         g.send(pkt(OP_RW, 13, 23), b"x");
         let (rst, _) = g.recv();
         assert_eq!((rst.op, rst.dst_port), (OP_RST, 13));
+    }
+
+    #[test]
+    fn corrupt_rx_avail_index_needs_a_reset_without_spinning() {
+        let mut g = Guest::start_bare("ring");
+        // An RST waits for an rx buffer while the rx ring claims more
+        // chains than it has.
+        g.send(pkt(OP_RW, 12, 22), b"x");
+        g.rxq.set_avail_idx(65);
+        let deadline = std::time::Instant::now() + WAIT;
+        while !g.irq.needs_reset() || g.dev.as_ref().unwrap().state.has_worker() {
+            assert!(std::time::Instant::now() < deadline, "worker still runs");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t = std::time::Instant::now();
+        g.dev.as_mut().unwrap().reset();
+        assert!(t.elapsed() < Duration::from_secs(1));
     }
 
     #[test]
