@@ -117,6 +117,13 @@ usize virtio_find(u32 type, int n);
  * subset of `wanted`, and sets up `nqueues` queues (not yet DRIVER_OK). */
 void vdev_init(struct vdev *d, usize base, u64 wanted, int nqueues);
 void vdev_driver_ok(struct vdev *d);
+/* The device status register. */
+u32 vdev_status(struct vdev *d);
+/* Writes status 0: the device stops and forgets its queues. */
+void vdev_reset(struct vdev *d);
+/* Frees every ring page for the next vdev_init: only once the devices
+ * that used them were reset. */
+void virtio_reuse_rings(void);
 u8 vdev_cfg8(struct vdev *d, u32 off);
 u32 vdev_generation(struct vdev *d);
 /* InterruptStatus (bit 0 used ring, bit 1 config change); acknowledges. */
@@ -138,5 +145,6 @@ void check_net(void);
 void check_vsock(void);
 void check_vsock_halt(void);
 void check_rng(void);
+void check_hostile(void);
 
 #endif

@@ -48,6 +48,18 @@ void guest_main(usize boot_params)
         check_serial();
     } else if (!memcmp(test, "reboot", 7)) {
         say("rebooting through the i8042");
+    } else if (!memcmp(test, "panicreset", 11)) {
+        /* What Linux does on a panic with reboot=panic_warm: mark the reset
+         * warm in the BIOS data area, then pulse the reset line. */
+        say("panic reset next");
+        volatile u16 *reset_mode;
+        /* An address in a register: GCC refuses a constant pointer into
+         * page 0. */
+        __asm__ volatile("mov %1, %0" : "=r"(reset_mode) : "i"(0x472));
+        *reset_mode = 0x1234;
+        i8042_reset();
+    } else if (!memcmp(test, "hostile", 8)) {
+        check_hostile();
     } else if (!memcmp(test, "triple", 7)) {
         say("triple fault next");
         triple_fault();

@@ -158,6 +158,12 @@ void vdev_init(struct vdev *d, usize base, u64 wanted, int nqueues)
         setup_queue(d, (u16)i);
 }
 
+void virtio_reuse_rings(void) { rings_used = 0; }
+
+u32 vdev_status(struct vdev *d) { return rd(d, R_STATUS); }
+
+void vdev_reset(struct vdev *d) { wr(d, R_STATUS, 0); }
+
 void vdev_driver_ok(struct vdev *d)
 {
     wr(d, R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);

@@ -69,6 +69,28 @@ fn triple_fault_exits_3() {
     assert!(!exit.stdout.contains("moat-test: done"), "{exit:?}");
 }
 
+#[test]
+fn guest_panic_reset_exits_5_at_once() {
+    if !kvm_usable("guest_panic_reset_exits_5_at_once") {
+        return;
+    }
+    let start = Instant::now();
+    let exit = run_guest("panicreset", &[]);
+    exit.assert_code(5);
+    exit.assert_serial_line("panic reset next");
+    assert!(
+        exit.stderr
+            .contains("Guest kernel panicked and reset the machine"),
+        "{exit:?}"
+    );
+    // The guest waits 3 s for the reset to take effect before it says
+    // FAIL: the VMM stopped it well before.
+    assert!(!exit.stdout.contains("FAIL"), "{exit:?}");
+    assert!(start.elapsed() < Duration::from_secs(3), "{exit:?}");
+    // An ordinary reboot is no panic.
+    run_guest("reboot", &[]).assert_code(0);
+}
+
 /// Parses `Guest boot completed after N us` from the log.
 fn boot_time_us(stderr: &str) -> Option<u64> {
     let rest = stderr.split("Guest boot completed after ").nth(1)?;

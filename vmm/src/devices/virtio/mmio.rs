@@ -25,6 +25,7 @@ use super::device::{
     VIRTIO_F_VERSION_1,
 };
 use crate::devices::bus::BusDevice;
+use crate::logger::RateLimit;
 
 /// "virt", little-endian.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -75,6 +76,18 @@ const REG_SHM_LEN_HIGH: u64 = 0x0b4;
 const REG_SHM_BASE_LOW: u64 = 0x0b8;
 const REG_SHM_BASE_HIGH: u64 = 0x0bc;
 const REG_CONFIG_GENERATION: u64 = 0x0fc;
+
+/// What the driver does wrong is logged at most [`RateLimit::BURST`] times
+/// per window: a guest can write bad registers in a loop.
+static GUEST_ERRORS: RateLimit = RateLimit::new();
+
+macro_rules! guest_warn {
+    ($($arg:tt)*) => {
+        if GUEST_ERRORS.allow() {
+            warn!($($arg)*);
+        }
+    };
+}
 
 /// Why DRIVER_OK did not start the device.
 #[derive(Debug, thiserror::Error)]
@@ -253,14 +266,14 @@ impl MmioTransport {
 
     fn write_queue_reg(&mut self, offset: u64, value: u32) {
         if !self.queue_config_allowed() {
-            warn!(
+            guest_warn!(
                 "virtio-mmio: queue register {offset:#x} written in status {:#x}",
                 self.status
             );
             return;
         }
         let Some(queue) = self.selected_queue() else {
-            warn!("virtio-mmio: queue register {offset:#x} written for a missing queue");
+            guest_warn!("virtio-mmio: queue register {offset:#x} written for a missing queue");
             return;
         };
         match offset {
@@ -281,7 +294,7 @@ impl MmioTransport {
 
     fn write_driver_features(&mut self, value: u32) {
         if self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) != STATUS_DRIVER {
-            warn!(
+            guest_warn!(
                 "virtio-mmio: driver features written in status {:#x}",
                 self.status
             );
@@ -312,7 +325,7 @@ impl MmioTransport {
         let value = value & !STATUS_DEVICE_NEEDS_RESET;
         let old = self.status & !STATUS_DEVICE_NEEDS_RESET;
         if value & old != old {
-            warn!("virtio-mmio: status {old:#x} -> {value:#x} clears bits without a reset");
+            guest_warn!("virtio-mmio: status {old:#x} -> {value:#x} clears bits without a reset");
             return;
         }
         let added = value & !old;
@@ -322,7 +335,7 @@ impl MmioTransport {
                 self.device.set_acked_features(self.driver_features);
             } else {
                 // The driver reads the status back and gives up.
-                warn!(
+                guest_warn!(
                     "virtio-mmio: rejecting driver features {:#x}",
                     self.driver_features
                 );
@@ -330,7 +343,7 @@ impl MmioTransport {
             }
         }
         if added & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK == 0 {
-            warn!("virtio-mmio: DRIVER_OK without FEATURES_OK");
+            guest_warn!("virtio-mmio: DRIVER_OK without FEATURES_OK");
             status &= !STATUS_DRIVER_OK;
         }
         self.status = status | (self.status & STATUS_DEVICE_NEEDS_RESET);
@@ -440,7 +453,7 @@ impl MmioTransport {
             // under the driver without a config-change interrupt after.
             REG_CONFIG_GENERATION => self.interrupt.config_generation(),
             _ => {
-                warn!("virtio-mmio: read of unknown register {offset:#x}");
+                guest_warn!("virtio-mmio: read of unknown register {offset:#x}");
                 0
             }
         }
@@ -466,14 +479,14 @@ impl MmioTransport {
                         error!("virtio-mmio: cannot notify queue {value}: {err}");
                     }
                 }
-                None => warn!("virtio-mmio: notify for missing queue {value}"),
+                None => guest_warn!("virtio-mmio: notify for missing queue {value}"),
             },
             REG_INTERRUPT_ACK => {
                 self.interrupt.status().fetch_and(!value, Ordering::SeqCst);
             }
             REG_STATUS => self.write_status(value),
             REG_SHM_SEL => {}
-            _ => warn!("virtio-mmio: write of unknown register {offset:#x}"),
+            _ => guest_warn!("virtio-mmio: write of unknown register {offset:#x}"),
         }
     }
 }
@@ -491,12 +504,12 @@ impl BusDevice for MmioTransport {
         // Registers are 32 bits wide and accessed as such.
         let len = data.len();
         let Ok(bytes) = <&mut [u8; 4]>::try_from(&mut *data) else {
-            warn!("virtio-mmio: {len}-byte read at {offset:#x}");
+            guest_warn!("virtio-mmio: {len}-byte read at {offset:#x}");
             data.fill(0);
             return;
         };
         if !offset.is_multiple_of(4) {
-            warn!("virtio-mmio: unaligned read at {offset:#x}");
+            guest_warn!("virtio-mmio: unaligned read at {offset:#x}");
             *bytes = [0; 4];
             return;
         }
@@ -511,11 +524,11 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            warn!("virtio-mmio: {}-byte write at {offset:#x}", data.len());
+            guest_warn!("virtio-mmio: {}-byte write at {offset:#x}", data.len());
             return;
         };
         if !offset.is_multiple_of(4) {
-            warn!("virtio-mmio: unaligned write at {offset:#x}");
+            guest_warn!("virtio-mmio: unaligned write at {offset:#x}");
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));
