@@ -49,9 +49,9 @@ pub trait DeviceWorker: Send + 'static {
     /// Handles one event of an fd registered under `token`. It must drain
     /// the fd (read the eventfd) or take it out of the set.
     fn handle_event(&mut self, token: u64, events: EventSet) -> Result<(), RingError>;
-    /// Serves whatever the events made possible; also called once when the
-    /// thread starts (kicks may have come before it existed) and after a
-    /// poll timeout.
+    /// Serves whatever the events made possible; called after each batch
+    /// of events and after a poll timeout. Kicks that came before the
+    /// worker started are still pending on their eventfds, so they wake it.
     fn process(&mut self) -> Result<(), RingError>;
     /// How long the next wait may last, in ms (-1: no limit).
     fn poll_timeout_ms(&self) -> i32 {
@@ -145,7 +145,6 @@ impl Drop for WorkerThread {
 /// or with the error of a corrupt ring.
 fn run<W: DeviceWorker>(worker: &mut W) -> Result<(), RingError> {
     let mut events = [EpollEvent::default(); 32];
-    worker.process()?;
     loop {
         let n = match worker.epoll().wait(worker.poll_timeout_ms(), &mut events) {
             Ok(n) => n,

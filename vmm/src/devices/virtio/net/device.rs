@@ -67,6 +67,9 @@ pub struct NetMetrics {
     pub tx_bytes: AtomicU64,
     /// Guest frames the tap rejected, or too short or too long to be frames.
     pub tx_dropped: AtomicU64,
+    /// Guest frames whose vnet header asks for an offload the device did
+    /// not offer (checksum, segmentation); dropped before the tap.
+    pub tx_bad_headers: AtomicU64,
     /// Descriptor chains pointing outside guest memory or lacking the
     /// buffers a frame needs; they are returned to the guest unused.
     pub invalid_chains: AtomicU64,
@@ -236,9 +239,8 @@ impl Worker {
             rx_pending: None,
             tx_frame: vec![0u8; MAX_FRAME_LEN],
             tap_polled: false,
-            // Kicks may have come before the worker existed.
-            rx_work: true,
-            tx_work: true,
+            rx_work: false,
+            tx_work: false,
         };
         worker.set_tap_polled(true)?;
         Ok(worker)
@@ -440,6 +442,10 @@ fn send_frame(
         inc(&metrics.invalid_chains, 1);
         return;
     }
+    if !sanitize_tx_header(&mut frame[..VNET_HDR_LEN]) {
+        inc(&metrics.tx_bad_headers, 1);
+        return;
+    }
     match tap.write_frame(&frame[..len]) {
         Ok(_) => {
             inc(&metrics.tx_frames, 1);
@@ -452,6 +458,24 @@ fn send_frame(
             debug!("net {}: tap write failed: {err}", tap.name());
         }
     }
+}
+
+/// Offsets in `virtio_net_hdr` of the fields that ask for an offload.
+const HDR_FLAGS: usize = 0;
+const HDR_GSO_TYPE: usize = 1;
+
+/// Checks a guest's tx header before it reaches the host's checksum and
+/// segmentation paths. The device offers neither offload, so a header that
+/// asks for one (any flag, such as NEEDS_CSUM, or a GSO type) is refused;
+/// the other fields (hdr_len, gso_size, csum_start, csum_offset,
+/// num_buffers) then mean nothing and are zeroed, so the tap sees a plain
+/// header whatever the guest wrote. Returns whether the frame may go.
+fn sanitize_tx_header(hdr: &mut [u8]) -> bool {
+    if hdr[HDR_FLAGS] != 0 || hdr[HDR_GSO_TYPE] != 0 {
+        return false;
+    }
+    hdr.fill(0);
+    true
 }
 
 #[cfg(test)]
@@ -647,6 +671,44 @@ mod tests {
             assert_eq!(h.sock.recv_test_frame(WAIT).unwrap(), frame);
             assert_eq!(h.net.metrics().tx_frames.load(Ordering::Relaxed), 2);
             assert_eq!(h.net.metrics().tx_bytes.load(Ordering::Relaxed), 314 + 74);
+        });
+    }
+
+    #[test]
+    fn tx_headers_asking_for_offloads_are_refused() {
+        // flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
+        // num_buffers, all little-endian.
+        fn header(flags: u8, gso: u8, csum_start: u16, csum_offset: u16) -> Vec<u8> {
+            let mut h = vec![flags, gso];
+            for v in [54u16, 1400, csum_start, csum_offset, 0] {
+                h.extend_from_slice(&v.to_le_bytes());
+            }
+            h
+        }
+        let mut plain = header(0, 0, 999, 77);
+        assert!(sanitize_tx_header(&mut plain));
+        assert_eq!(plain, [0; VNET_HDR_LEN]);
+        in_netns(|| {
+            let mut h = start("mhdr0", "hdr");
+            // NEEDS_CSUM with offsets inside the frame, then a TCPv4 GSO
+            // header, then a header with garbage beside zero flags and type.
+            let cases = [
+                (header(1, 0, 14, 6), false),
+                (header(0, 1, 0, 0), false),
+                (header(2, 0, 0, 0), false),
+                (header(0, 0, 60_000, 60_000), true),
+            ];
+            for (i, (hdr, goes)) in cases.into_iter().enumerate() {
+                let frame = test_frame([0xff; 6], i as u8, 80);
+                let hdr = h.txq.readable(&hdr);
+                let body = h.txq.readable(&frame);
+                h.send_from_guest(&[hdr, body]);
+                let seen = h.sock.recv_test_frame(Duration::from_millis(300));
+                assert_eq!(seen.is_some(), goes, "case {i}");
+            }
+            let m = h.net.metrics();
+            assert_eq!(m.tx_bad_headers.load(Ordering::Relaxed), 3);
+            assert_eq!(m.tx_frames.load(Ordering::Relaxed), 1);
         });
     }
 

@@ -1,8 +1,10 @@
 //! virtio-net (device type 1) backed by a host tap device.
 //!
-//! Two queues (rx, tx); the 12-byte `virtio_net_hdr_v1` passes through the
-//! tap unchanged (`IFF_VNET_HDR`), so no offload is offered to the guest and
-//! the kernel never hands us GSO frames.
+//! Two queues (rx, tx); the 12-byte `virtio_net_hdr_v1` goes through the
+//! tap (`IFF_VNET_HDR`). No offload is offered to the guest and none is
+//! enabled on the tap, so the kernel never hands us GSO frames, and a guest
+//! tx header that asks for a checksum or segmentation offload is refused
+//! before it reaches the host's GSO paths (the others are zeroed).
 
 pub mod device;
 pub mod tap;
