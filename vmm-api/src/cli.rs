@@ -66,6 +66,9 @@ impl VmConfig {
                 "--rng" => cfg.rng = true,
                 "--api-socket" => cfg.api_socket = Some(value("--api-socket")?.into()),
                 "--no-seccomp" => cfg.seccomp = false,
+                "--log-max-bytes" => {
+                    cfg.log_max_bytes = parse_num("--log-max-bytes", &value("--log-max-bytes")?)?
+                }
                 "--jail" => jail.ids = Some(parse_jail(&value("--jail")?)?),
                 "--jail-rw" => jail.read_write.push(value("--jail-rw")?.into()),
                 "--jail-ro" => jail.read_only.push(value("--jail-ro")?.into()),

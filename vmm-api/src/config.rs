@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{
-    BLOCK_SERIAL_MAX, MAX_MEMORY_MIB, MAX_SOCKET_PATH, MAX_VCPUS, MAX_VIRTIO_DEVICES,
-    MIN_GUEST_CID, MIN_MEMORY_MIB,
+    BLOCK_SERIAL_MAX, DEFAULT_LOG_MAX_BYTES, MAX_MEMORY_MIB, MAX_SOCKET_PATH, MAX_VCPUS,
+    MAX_VIRTIO_DEVICES, MIN_GUEST_CID, MIN_LOG_MAX_BYTES, MIN_MEMORY_MIB,
 };
 
 /// A configuration that cannot be read or that breaks a limit.
@@ -78,6 +78,9 @@ pub enum ConfigError {
     /// A jail with root's user or group.
     #[error("A jail's user and group must not be root (0)")]
     JailRoot,
+    /// A log size cap below [`MIN_LOG_MAX_BYTES`].
+    #[error("log_max_bytes must be at least {MIN_LOG_MAX_BYTES}, not {0}")]
+    LogMaxBytes(u64),
 }
 
 /// The unprivileged user and group moat-vmm runs as once its files are
@@ -182,6 +185,9 @@ fn default_vcpus() -> u8 {
 fn default_memory() -> u64 {
     256
 }
+fn default_log_max_bytes() -> u64 {
+    DEFAULT_LOG_MAX_BYTES
+}
 fn default_true() -> bool {
     true
 }
@@ -231,6 +237,10 @@ pub struct VmConfig {
     /// The user, namespaces and paths moat-vmm is confined to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jail: Option<JailConfig>,
+    /// Size cap, in bytes, of the console file and of moat-vmm's log (its
+    /// stderr, when that is a file): past it the older half is dropped.
+    #[serde(default = "default_log_max_bytes")]
+    pub log_max_bytes: u64,
 }
 
 impl VmConfig {
@@ -251,6 +261,7 @@ impl VmConfig {
             api_socket: None,
             seccomp: true,
             jail: None,
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
         }
     }
 
@@ -302,6 +313,9 @@ impl VmConfig {
         }
         if self.jail.as_ref().is_some_and(|j| j.uid == 0 || j.gid == 0) {
             return Err(ConfigError::JailRoot);
+        }
+        if self.log_max_bytes < MIN_LOG_MAX_BYTES {
+            return Err(ConfigError::LogMaxBytes(self.log_max_bytes));
         }
         Ok(())
     }

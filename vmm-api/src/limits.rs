@@ -36,3 +36,11 @@ pub const MAX_API_REQUEST_BODY: usize = 64 * 1024;
 /// Largest response (head and body) a client reads; moat-vmm's answers are
 /// a few hundred bytes.
 pub const MAX_API_RESPONSE: usize = 64 * 1024;
+
+/// Least size cap of the console file and of moat-vmm's log: room for a
+/// few lines.
+pub const MIN_LOG_MAX_BYTES: u64 = 4096;
+
+/// The size cap of the console file and of moat-vmm's log when the
+/// configuration names none.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 4 << 20;

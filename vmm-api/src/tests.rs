@@ -91,6 +91,10 @@ fn validation() {
         &format!("between 1 and {MAX_VCPUS}"),
     );
     check(&|c| c.memory_mib = 1, "at least");
+    check(
+        &|c| c.log_max_bytes = 100,
+        "log_max_bytes must be at least 4096",
+    );
     check(&|c| c.memory_mib = 4096, "host");
     let mut huge = valid();
     huge.memory_mib = crate::limits::MAX_MEMORY_MIB + 1;

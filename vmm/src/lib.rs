@@ -11,11 +11,13 @@
 //! - [`devices`]: port-I/O and virtio-mmio devices behind a [`devices::Bus`];
 //! - [`api`]: the control API on a unix socket;
 //! - [`seccomp`]: one syscall filter per thread kind;
+//! - [`logger`], [`capped_file`]: the log, and the size cap of log files;
 //! - [`privileges`]: every capability dropped before the guest runs;
 //! - [`host`]: hardware KVM or PVM, and what each needs.
 
 pub mod api;
 pub mod arch;
+pub mod capped_file;
 pub mod devices;
 pub mod host;
 pub mod layout;

@@ -1,9 +1,13 @@
 //! A stderr logger: `moat-vmm: [  1.234567] LEVEL message`, level from
-//! `MOAT_LOG` (error, warn, info, debug, trace; default info).
+//! `MOAT_LOG` (error, warn, info, debug, trace; default info). When stderr
+//! is a regular file (the shim's vmm.log), [`cap_stderr_file`] caps it.
 
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::capped_file::CappedFile;
 
 struct StderrLogger {
     start: Instant,
@@ -15,20 +19,46 @@ impl log::Log for StderrLogger {
     }
 
     fn log(&self, record: &log::Record) {
-        if self.enabled(record.metadata()) {
-            let t = self.start.elapsed();
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "moat-vmm: [{:4}.{:06}] {:5} {}",
-                t.as_secs(),
-                t.subsec_micros(),
-                record.level(),
-                record.args()
-            );
+        if !self.enabled(record.metadata()) {
+            return;
         }
+        let t = self.start.elapsed();
+        let line = format!(
+            "moat-vmm: [{:4}.{:06}] {:5} {}\n",
+            t.as_secs(),
+            t.subsec_micros(),
+            record.level(),
+            record.args()
+        );
+        let mut file = LOG_FILE.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = match file.as_mut() {
+            Some(file) => file.write_all(line.as_bytes()),
+            None => std::io::stderr().lock().write_all(line.as_bytes()),
+        };
     }
 
     fn flush(&self) {}
+}
+
+/// Where log lines go once stderr is capped.
+static LOG_FILE: Mutex<Option<CappedFile>> = Mutex::new(None);
+
+/// If stderr is a regular file, log to it from now on through a
+/// [`CappedFile`] of at most `cap` bytes. Must run while the process may
+/// still open files: the file is opened again (a description of its own,
+/// readable, so rotation can keep the newest lines).
+pub fn cap_stderr_file(cap: u64) -> std::io::Result<()> {
+    let stderr = std::io::stderr();
+    let meta = std::fs::File::from(stderr.as_fd().try_clone_to_owned()?).metadata()?;
+    if !meta.is_file() {
+        return Ok(());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/proc/self/fd/2")?;
+    *LOG_FILE.lock().unwrap_or_else(|e| e.into_inner()) = Some(CappedFile::new(file, cap)?);
+    Ok(())
 }
 
 /// Installs the stderr logger as the process's `log` backend; timestamps

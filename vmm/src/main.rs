@@ -6,7 +6,7 @@ use moat_vmm::vstate::ExitCode;
 
 const USAGE: &str = "usage: moat-vmm --config vm.json | --kernel PATH [--initramfs PATH] [--cmdline STR] \
 [--vcpus N] [--memory-mib N] [--serial stdout|off|file:PATH|fd:N] [--block id=ID[,path=P][,ro][,serial=S]]... \
-[--net id=ID,tap=NAME|tap_fd=N[,mac=MAC]]... [--vsock cid=N,uds=PATH] [--rng] [--api-socket PATH] [--no-seccomp] [--jail UID:GID [--jail-rw PATH]... [--jail-ro PATH]... [--jail-no-landlock]]";
+[--net id=ID,tap=NAME|tap_fd=N[,mac=MAC]]... [--vsock cid=N,uds=PATH] [--rng] [--api-socket PATH] [--no-seccomp] [--log-max-bytes N] [--jail UID:GID [--jail-rw PATH]... [--jail-ro PATH]... [--jail-no-landlock]]";
 
 fn main() {
     let start = Instant::now();

@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::api::{ApiError, ApiServer, VmControl};
 use crate::arch::{boot, mptable};
+use crate::capped_file::CappedFile;
 use crate::devices::legacy::{BootTimer, SerialDevice, I8042};
 use crate::devices::virtio::block::BlockSource;
 use crate::devices::virtio::{self, MmioTransport, VirtioDevice};
@@ -57,6 +58,8 @@ pub enum VmmError {
     Transport(#[source] std::io::Error),
     #[error("Cannot open the serial output {0}")]
     SerialOutput(PathBuf, #[source] std::io::Error),
+    #[error("Cannot cap the log file")]
+    LogFile(#[source] std::io::Error),
     #[error("Cannot create an eventfd or signalfd")]
     EventFd(#[source] std::io::Error),
     #[error(transparent)]
@@ -75,16 +78,21 @@ fn host_memory_mib() -> u64 {
         .map_or(u64::MAX, |kib| kib / 1024)
 }
 
-fn serial_output(cfg: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
-    Ok(match cfg {
-        SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::Off => Box::new(std::io::sink()),
-        SerialOutput::File(path) => Box::new(
+/// The console's writer. A file (by path, or an fd of a regular file) is
+/// capped at `cap` bytes: the guest decides how much it prints.
+fn serial_output(cfg: &SerialOutput, cap: u64) -> Result<Box<dyn Write + Send>, VmmError> {
+    let (file, what) = match cfg {
+        SerialOutput::Stdout => return Ok(Box::new(std::io::stdout())),
+        SerialOutput::Off => return Ok(Box::new(std::io::sink())),
+        SerialOutput::File(path) => (
             OpenOptions::new()
                 .create(true)
-                .append(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
                 .open(path)
                 .map_err(|e| VmmError::SerialOutput(path.clone(), e))?,
+            path.clone(),
         ),
         SerialOutput::Fd(fd) => {
             // SAFETY: F_GETFD only inspects the descriptor number.
@@ -96,9 +104,15 @@ fn serial_output(cfg: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> 
             }
             // SAFETY: the fd was handed to us for the console and is valid
             // (checked above); nothing else in the VMM owns it.
-            Box::new(unsafe { File::from_raw_fd(*fd) })
+            let file = unsafe { File::from_raw_fd(*fd) };
+            (file, format!("fd {fd}").into())
         }
-    })
+    };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Ok(Box::new(file));
+    }
+    let capped = CappedFile::new(file, cap).map_err(|e| VmmError::SerialOutput(what, e))?;
+    Ok(Box::new(capped))
 }
 
 /// Opens every virtio device backend, in the guest-visible order (block,
@@ -272,7 +286,8 @@ fn termination_signalfd() -> Result<File, VmmError> {
 /// Boots the VM described by `cfg` and runs it until the guest stops.
 pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
     cfg.validate(host_memory_mib())?;
-    let serial_out = serial_output(&cfg.serial)?;
+    let serial_out = serial_output(&cfg.serial, cfg.log_max_bytes)?;
+    crate::logger::cap_stderr_file(cfg.log_max_bytes).map_err(VmmError::LogFile)?;
     let filters = if cfg.seccomp {
         Some(seccomp::Filters::build()?)
     } else {

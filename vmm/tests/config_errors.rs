@@ -204,3 +204,15 @@ fn unusable_serial_outputs() {
         "987",
     );
 }
+
+#[test]
+fn log_cap_too_small() {
+    let dir = TempDir::new("cfg");
+    let mut cmd = Command::new(VMM);
+    cmd.arg("--kernel")
+        .arg(guest())
+        .args(["--log-max-bytes", "100", "--serial"])
+        .arg(format!("file:{}", dir.join("console.log").display()));
+    run(cmd).assert_setup_error("log_max_bytes must be at least 4096, not 100");
+    assert!(dir.entries().is_empty());
+}

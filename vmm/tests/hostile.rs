@@ -78,3 +78,44 @@ fn hostile_guest_leaves_the_vmm_responsive_and_bounded() {
     );
     assert_eq!(dir.entries(), Vec::<String>::new(), "left behind");
 }
+
+#[test]
+fn console_and_log_files_stay_under_their_cap() {
+    if !kvm_usable("console_and_log_files_stay_under_their_cap") {
+        return;
+    }
+    const CAP: u64 = 4096;
+    let dir = TempDir::new("cap");
+    let console = dir.join("console.log");
+    let log = dir.join("vmm.log");
+    let mut cmd = guest_command("hostile", "");
+    cmd.args(["--rng", "--log-max-bytes", &CAP.to_string(), "--serial"])
+        .arg(format!("file:{}", console.display()))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut child = cmd.spawn().unwrap();
+    // Each round prints about 6 KiB: by round 3 the console rotated twice.
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let text = std::fs::read_to_string(&console).unwrap_or_default();
+        assert!(text.len() as u64 <= CAP, "console of {} bytes", text.len());
+        if text.contains("moat-test: hostile round 3 ok") {
+            // The newest lines are kept, from a line start.
+            assert!(text.starts_with("moat-test: "), "{text:.80}");
+            assert!(!text.contains("guest started"), "never rotated");
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("no round 3 on the console:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(log_text.len() as u64 <= CAP, "{log_text}");
+    assert!(log_text.contains("VM stopped after"), "{log_text}");
+}
