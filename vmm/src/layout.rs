@@ -16,8 +16,10 @@ pub const PDPTE_START: u64 = 0xa000;
 pub const PDE_START: u64 = 0xb000;
 /// The BIOS data area word Linux writes just before it resets the machine:
 /// [`WARM_RESET_MARK`] for a warm reset, 0 for a cold one. moat-vmm gives
-/// the guest `reboot=k,panic_warm`, so only a panic asks for a warm one.
+/// the guest `reboot=k reboot=panic_warm`, so only a panic asks for a
+/// warm one.
 pub const RESET_MODE_ADDR: u64 = 0x472;
+/// What Linux writes at [`RESET_MODE_ADDR`] before a warm reset.
 pub const WARM_RESET_MARK: u16 = 0x1234;
 /// Kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;
