@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -312,25 +313,7 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
 
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    pio.insert(
-        Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out))),
-        SERIAL_PORT,
-        8,
-    )?;
-    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
-    vm.register_irqfd(&kbd_irq, 1)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(
-        reset_evt.try_clone().map_err(VmmError::EventFd)?,
-        kbd_irq,
-    )));
-    pio.insert(i8042.clone(), I8042_PORT, 5)?;
-    let timer = BootTimer::new(start);
-    let boot_time_us = timer.elapsed_handle();
-    pio.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_PORT, 1)?;
-
+    let legacy = attach_legacy_devices(&vm, &mut pio, serial_out, start)?;
     let activate_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     let transports = attach_devices(&vm, &mut mmio, devices, &activate_evt)?;
 
@@ -352,23 +335,13 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
     )?);
     log::info!("Guest started after {} us", start.elapsed().as_micros());
 
-    let _api = match api_listener {
-        Some((path, listener)) => {
-            let ctl = Arc::new(Controller {
-                vcpus: vcpus.clone(),
-                i8042,
-                blocks,
-                boot_time_us,
-            });
-            Some(ApiServer::start(
-                &path,
-                listener,
-                ctl,
-                filters.as_ref().map(|f| f.get(ThreadKind::Api)),
-            )?)
-        }
-        None => None,
+    let ctl = Controller {
+        vcpus: vcpus.clone(),
+        i8042: legacy.i8042,
+        blocks,
+        boot_time_us: legacy.boot_time_us,
     };
+    let _api = start_api(api_listener, ctl, filters.as_ref())?;
     if let Some(f) = &filters {
         seccomp::apply(&f.get(ThreadKind::Main))?;
     }
@@ -376,7 +349,7 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
     let events = EventLoop {
         vcpus: &vcpus,
         mem: &vm.mem,
-        reset_evt,
+        reset_evt: legacy.reset_evt,
         signals,
         activate_evt,
         transports,
@@ -391,6 +364,66 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
     Ok(code)
     // `_api`, then the devices (held by the buses inside the vCPU threads,
     // now joined) drop here: their threads are joined and sockets removed.
+}
+
+/// Starts the API thread on `listener` (bound to its path), if any.
+fn start_api(
+    listener: Option<(PathBuf, UnixListener)>,
+    ctl: Controller,
+    filters: Option<&seccomp::Filters>,
+) -> Result<Option<ApiServer>, VmmError> {
+    let Some((path, listener)) = listener else {
+        return Ok(None);
+    };
+    let filter = filters.map(|f| f.get(ThreadKind::Api));
+    Ok(Some(ApiServer::start(
+        &path,
+        listener,
+        Arc::new(ctl),
+        filter,
+    )?))
+}
+
+/// The port-I/O devices, as the rest of the VMM sees them.
+struct Legacy {
+    i8042: Arc<Mutex<I8042>>,
+    /// Written when the guest resets the machine through the i8042.
+    reset_evt: EventFd,
+    /// When the guest wrote the boot timer.
+    boot_time_us: Arc<Mutex<Option<u64>>>,
+}
+
+/// Puts the serial port (writing to `serial_out`), the i8042 and the boot
+/// timer (counting from `start`) on `pio`, their interrupts wired to KVM.
+fn attach_legacy_devices(
+    vm: &Vm,
+    pio: &mut Bus,
+    serial_out: Box<dyn Write + Send>,
+    start: Instant,
+) -> Result<Legacy, VmmError> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
+    pio.insert(
+        Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out))),
+        SERIAL_PORT,
+        8,
+    )?;
+    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
+    vm.register_irqfd(&kbd_irq, 1)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(
+        reset_evt.try_clone().map_err(VmmError::EventFd)?,
+        kbd_irq,
+    )));
+    pio.insert(i8042.clone(), I8042_PORT, 5)?;
+    let timer = BootTimer::new(start);
+    let boot_time_us = timer.elapsed_handle();
+    pio.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_PORT, 1)?;
+    Ok(Legacy {
+        i8042,
+        reset_evt,
+        boot_time_us,
+    })
 }
 
 /// Puts each device behind a virtio-mmio transport on `mmio`, with its
