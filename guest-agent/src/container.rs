@@ -516,13 +516,17 @@ impl Containers {
             }
             return Ok(());
         }
+        // Signalling what has already exited is a no-op, as with kill(1) on
+        // a zombie: teardown (containerd's StopPodSandbox) kills every
+        // process and must not fail on one that ended first.
         if p.has_exited() || p.exit().is_some() {
-            return Err(AgentError::FailedPrecondition(format!(
-                "process {id}/{exec_id} has already exited"
-            )));
+            log::debug!("signal {sig} to {id}/{exec_id}: already exited");
+            return Ok(());
         }
-        nix::sys::signal::kill(Pid::from_raw(p.pid), sig)
-            .ctx(|| format!("signalling {id}/{exec_id}"))
+        match nix::sys::signal::kill(Pid::from_raw(p.pid), sig) {
+            Err(nix::errno::Errno::ESRCH) => Ok(()),
+            r => r.ctx(|| format!("signalling {id}/{exec_id}")),
+        }
     }
 
     pub fn wait(&self, id: &str, exec_id: &str) -> Result<(i32, ExitInfo)> {

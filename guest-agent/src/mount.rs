@@ -2,8 +2,10 @@
 //! overlayfs), block device lookup, mount option parsing, and path
 //! resolution that cannot escape a root.
 
+use std::ffi::OsString;
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -446,10 +448,62 @@ pub fn fd_path(fd: &impl std::os::fd::AsRawFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
+/// The mount point of the mount that holds `path`, from a mountinfo
+/// table (`/proc/self/mountinfo`): the longest mount point that is
+/// `path` or one of its ancestors. `path` must be absolute and free of
+/// symlinks and `..`.
+pub fn mount_point_of(mountinfo: &str, path: &Path) -> Option<PathBuf> {
+    mountinfo
+        .lines()
+        // Field 5 is the mount point, with space, tab, newline and
+        // backslash escaped as octal.
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|mp| path.starts_with(mp))
+        .max_by_key(|mp| mp.components().count())
+}
+
+fn unescape_mountinfo(field: &str) -> PathBuf {
+    let mut out = Vec::with_capacity(field.len());
+    let b = field.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push(d.iter().fold(0u8, |v, c| v.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(OsString::from_vec(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::syscall::test::{Call, RecordingSyscall};
+
+    #[test]
+    fn mount_point_of_finds_the_innermost_mount() {
+        let info = "22 1 8:1 / / rw shared:1 - ext4 /dev/sda1 rw\n\
+                    30 22 0:5 / /run rw shared:2 - tmpfs tmpfs rw\n\
+                    31 30 0:6 / /run/moat/a\\040b rw - overlay overlay rw\n\
+                    32 30 0:7 / /run/moatx rw - tmpfs tmpfs rw\n";
+        let mp = |p: &str| mount_point_of(info, Path::new(p)).unwrap();
+        assert_eq!(mp("/run/moat/a b/rootfs"), Path::new("/run/moat/a b"));
+        assert_eq!(mp("/run/moat/a b"), Path::new("/run/moat/a b"));
+        // A sibling whose name shares a prefix is not a parent.
+        assert_eq!(mp("/run/moat/c"), Path::new("/run"));
+        assert_eq!(mp("/var/lib"), Path::new("/"));
+        assert_eq!(mount_point_of("", Path::new("/x")), None);
+    }
     use moat_protocol::agent::Volume;
 
     fn vol(kind: Kind, fs: &str) -> Volume {

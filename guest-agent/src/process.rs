@@ -555,7 +555,17 @@ pub fn setup_root(sys: &dyn Syscall, spec: &oci::Spec, rootfs: &Path) -> Result<
         _ => MsFlags::MS_PRIVATE,
     };
     sys.mount(None, Path::new("/"), None, MsFlags::MS_REC | prop, None)
-        .ctx(|| "making / private".into())?;
+        .ctx(|| "setting the propagation of /".into())?;
+    // pivot_root refuses a new root whose mount or parent mount is shared:
+    // as runc does, make the mount that holds the rootfs private (only
+    // that one) before binding the rootfs from it.
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").ctx(|| "reading /proc/self/mountinfo".into())?;
+    let real_root = fs::canonicalize(rootfs).ctx(|| format!("resolving {}", rootfs.display()))?;
+    if let Some(parent) = crate::mount::mount_point_of(&mountinfo, &real_root) {
+        sys.mount(None, &parent, None, MsFlags::MS_PRIVATE, None)
+            .ctx(|| format!("making {} private", parent.display()))?;
+    }
     sys.mount(
         Some(rootfs),
         rootfs,
@@ -579,6 +589,16 @@ pub fn setup_root(sys: &dyn Syscall, spec: &oci::Spec, rootfs: &Path) -> Result<
     nix::unistd::chdir(rootfs).ctx(|| "chdir rootfs".into())?;
     sys.pivot_root(Path::new("."), Path::new("."))
         .ctx(|| "pivot_root".into())?;
+    // The old root now lies over the new one. Unmounting it must not
+    // propagate to its peers (with a shared / they are the agent's).
+    sys.mount(
+        None,
+        Path::new("."),
+        None,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None,
+    )
+    .ctx(|| "making the old root a slave".into())?;
     sys.umount(Path::new("."), MntFlags::MNT_DETACH)
         .ctx(|| "detaching the old root".into())?;
     nix::unistd::chdir("/").ctx(|| "chdir /".into())?;

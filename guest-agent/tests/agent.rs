@@ -226,6 +226,11 @@ fn main() {
             |(env, dev, dir)| erofs_ext4(env, dev, dir),
         ),
         case("signals", &dir_env, scenarios::signals),
+        case(
+            "rootfs_propagation",
+            &erofs_env,
+            scenarios::rootfs_propagation,
+        ),
         case("stdin", &dir_env, scenarios::stdin),
         case("tty_and_resize", &dir_env, scenarios::tty_and_resize),
         case("seccomp_denial", &dir_env, scenarios::seccomp_denial),
