@@ -195,10 +195,11 @@ impl Containers {
             ));
         }
         let linux = spec.linux.clone().unwrap_or_default();
-        let seccomp = match &linux.seccomp {
-            Some(s) => crate::seccomp::compile(s)?,
-            None => Vec::new(),
-        };
+        // No profile, not even Unconfined, lets a workload open vsock.
+        let mut seccomp = vec![crate::seccomp::deny_vsock()?];
+        if let Some(s) = &linux.seccomp {
+            seccomp.extend(crate::seccomp::compile(s)?);
+        }
         {
             // Reserve the id so a concurrent create of it fails early.
             let map = self.map.lock().unwrap();

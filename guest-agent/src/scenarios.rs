@@ -453,6 +453,26 @@ pub fn signals(env: &Env) {
     ctr.remove(&c);
 }
 
+/// A workload cannot reach the agent over vsock: `/bin/vsock-probe` (see
+/// tests/probe) tries the agent's ports at CIDs 1, 2, 3 and any, from a
+/// container without a seccomp profile of its own, and every attempt fails
+/// at socket(2), which the agent's default filter denies.
+pub fn vsock_denied(env: &Env) {
+    let c = env.client();
+    let (ttrpc_port, stdio_port) = (
+        env.port.to_string(),
+        (env.port + moat_protocol::STDIO_PORT_OFFSET).to_string(),
+    );
+    let s = spec(&["/bin/vsock-probe", &ttrpc_port, &stdio_port], false);
+    let (w, out, err) = run(env, &c, "vsock", &s);
+    assert_eq!(w.exit_status, 0, "some connections succeeded:\n{out}{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 8, "{out}{err}");
+    for line in lines {
+        assert!(line.ends_with(": socket: EACCES"), "{line}\n{out}");
+    }
+}
+
 /// Every rootfs propagation of the OCI spec starts a container: with a
 /// shared / the mount that holds the rootfs must be made private first,
 /// or pivot_root fails with EINVAL.
@@ -1093,6 +1113,7 @@ pub fn all(env: &Env) {
     stdin(env);
     tty_and_resize(env);
     seccomp_denial(env);
+    vsock_denied(env);
     dropped_capabilities(env);
     path_escapes(env);
     bad_requests(env);

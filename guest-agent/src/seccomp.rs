@@ -140,6 +140,31 @@ pub fn compile(profile: &oci::Seccomp) -> Result<Vec<BpfProgram>> {
     Ok(programs)
 }
 
+/// The filter every workload gets, whatever its profile: `socket(AF_VSOCK,
+/// ...)` fails with EACCES. Only the host has business with vsock; the
+/// agent's ports must not be reachable from the containers it runs.
+pub fn deny_vsock() -> Result<BpfProgram> {
+    let is_vsock = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        libc::AF_VSOCK as u64,
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    let rule = SeccompRule::new(vec![is_vsock]).map_err(|e| bad(e.to_string()))?;
+    let rules = Rules::from([(libc::SYS_socket, vec![rule])]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|e| bad(e.to_string()))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| bad(e.to_string()))
+}
+
 /// Installs one filter on the calling thread without forcing
 /// no_new_privs (the OCI spec decides that; root may install without it).
 pub fn install(program: &BpfProgram) -> std::io::Result<()> {
@@ -195,6 +220,49 @@ mod tests {
             {"names":["reboot"],"action":"SCMP_ACT_KILL_PROCESS"}]}"#,
         );
         assert_eq!(compile(&p).unwrap().len(), 2);
+    }
+
+    /// Runs `f` in a forked child with `program` installed (no_new_privs
+    /// set, so it needs no privilege); returns the child's exit code.
+    fn in_child_with(program: &BpfProgram, f: fn() -> i32) -> i32 {
+        // SAFETY: the child only calls async-signal-safe functions (prctl,
+        // seccomp, socket, close, _exit) before it exits.
+        match unsafe { libc::fork() } {
+            0 => {
+                // SAFETY: prctl with integer arguments only.
+                unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+                let code = if install(program).is_ok() { f() } else { 99 };
+                // SAFETY: ends the forked child without running destructors.
+                unsafe { libc::_exit(code) }
+            }
+            pid => {
+                let mut status = 0;
+                // SAFETY: waits for the child forked above.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+                libc::WEXITSTATUS(status)
+            }
+        }
+    }
+
+    fn socket_errno(domain: i32) -> i32 {
+        // SAFETY: plain socket(2); a descriptor it returns is closed.
+        let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM, 0) };
+        if fd >= 0 {
+            // SAFETY: closes the descriptor just opened.
+            unsafe { libc::close(fd) };
+            return 0;
+        }
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(1)
+    }
+
+    #[test]
+    fn vsock_sockets_are_denied_and_others_are_not() {
+        let p = deny_vsock().unwrap();
+        assert_eq!(
+            in_child_with(&p, || socket_errno(libc::AF_VSOCK)),
+            libc::EACCES
+        );
+        assert_eq!(in_child_with(&p, || socket_errno(libc::AF_UNIX)), 0);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::container::{Containers, CreateRequest};
 use crate::error::{AgentError, IoContext, Result};
 use crate::reaper::Reaper;
 use crate::syscall::{LinuxSyscall, Syscall};
-use crate::transport::Listener;
+use crate::transport::{HostOnly, Listener};
 
 pub struct AgentService {
     config: Arc<Config>,
@@ -298,10 +298,14 @@ pub fn serve(config: Config) -> Result<()> {
         config: config.clone(),
         containers,
     };
+    let host_only = listener.host_only();
     let mut server = ttrpc::Server::new()
         .add_listener(listener.into_raw_fd())
         .map_err(|e| AgentError::Spawn(format!("ttrpc listener: {e}")))?
         .register_service(agent_ttrpc::create_agent(Arc::new(service)));
+    if host_only {
+        server = server.set_accept_hook(HostOnly);
+    }
     // Before the first answer, so the host finds the boot time recorded
     // once the agent has answered.
     if config.init {

@@ -234,6 +234,7 @@ fn main() {
         case("stdin", &dir_env, scenarios::stdin),
         case("tty_and_resize", &dir_env, scenarios::tty_and_resize),
         case("seccomp_denial", &dir_env, scenarios::seccomp_denial),
+        case("vsock_denied", &dir_env, scenarios::vsock_denied),
         case(
             "dropped_capabilities",
             &erofs_env,

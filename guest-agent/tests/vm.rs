@@ -240,6 +240,8 @@ fn main() {
         ],
         vec![
             case("signals", &b, scenarios::signals),
+            // Needs the guest kernel: vsock from a container, loopback off.
+            case("vsock_denied", &b, scenarios::vsock_denied),
             case("tty_and_resize", &b, scenarios::tty_and_resize),
             case("dropped_capabilities", &b, scenarios::dropped_capabilities),
             // Here with real controllers: UpdateContainer and Stats limits run.

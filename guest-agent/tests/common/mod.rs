@@ -29,7 +29,8 @@ pub fn sh(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-/// A busybox tree: /bin/busybox plus a symlink per applet.
+/// A busybox tree: /bin/busybox plus a symlink per applet, and
+/// /bin/vsock-probe (built with `cc -static`).
 pub fn busybox_tree(dir: &Path) {
     for d in [
         "bin", "sbin", "usr/bin", "usr/sbin", "etc", "tmp", "proc", "sys", "dev", "root",
@@ -44,6 +45,12 @@ pub fn busybox_tree(dir: &Path) {
             std::os::unix::fs::symlink("/bin/busybox", &p).unwrap();
         }
     }
+    // A static vsock client for `scenarios::vsock_denied`.
+    let probe = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/probe/vsock_probe.c");
+    sh(Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(dir.join("bin/vsock-probe"))
+        .arg(probe));
     std::fs::write(dir.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
     std::fs::write(dir.join("etc/group"), "root:x:0:\n").unwrap();
 }
