@@ -47,7 +47,13 @@ layer_cache_dir = "$LIB/layers"
 # "ext4" (sparse image per container) or "tmpfs" (in guest memory)
 upper = "ext4"
 upper_size_mib = 4096
+# On disk: the guest fills the uppers (never under state_dir, a tmpfs).
+upper_dir = "$LIB/uppers"
+# Cap on one pod's uppers together (apparent sizes).
+pod_upper_limit_mib = 16384
 spare_block_slots = 8
+# pids.max of containers whose spec sets no pids limit (0: none).
+pids_limit = 1024
 TOML
   log "wrote $CONF"
 else

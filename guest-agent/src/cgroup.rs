@@ -122,6 +122,15 @@ impl Cgroup {
         self.path.join("cgroup.procs")
     }
 
+    /// Sets pids.max to `limit` (0: leaves it unlimited), where the pids
+    /// controller is enabled (bare cgroup2 of host tests: not).
+    pub fn default_pids_limit(&self, limit: u32) -> Result<()> {
+        if limit == 0 || !self.path.join("pids.max").exists() {
+            return Ok(());
+        }
+        write(&self.path, "pids.max", &limit.to_string())
+    }
+
     /// Applies the OCI resources.
     pub fn apply_oci(&self, r: &oci::Resources) -> Result<()> {
         if let Some(m) = &r.memory {

@@ -35,6 +35,8 @@ pub struct Config {
     pub emul_compat: bool,
     /// Running as PID 1 of the guest.
     pub init: bool,
+    /// pids.max of containers whose spec sets no pids limit (0: none).
+    pub pids_limit: u32,
 }
 
 impl Default for Config {
@@ -50,6 +52,7 @@ impl Default for Config {
             verbose: false,
             emul_compat: false,
             init: false,
+            pids_limit: moat_protocol::DEFAULT_PIDS_LIMIT,
         }
     }
 }
@@ -67,7 +70,7 @@ impl Config {
     }
 
     /// Applies the kernel command line (`moat.port=`, `moat.verbose`,
-    /// `emul_compat`).
+    /// `moat.pids_limit=`, `emul_compat`).
     pub fn apply_cmdline(&mut self, cmdline: &str) -> Result<(), String> {
         for word in cmdline.split_whitespace() {
             match word.split_once('=') {
@@ -75,6 +78,9 @@ impl Config {
                     self.port = v.parse().map_err(|_| format!("bad moat.port {v:?}"))?
                 }
                 Some(("moat.verbose", v)) => self.verbose = v != "0",
+                Some((moat_protocol::PIDS_LIMIT_PARAM, v)) => {
+                    self.pids_limit = v.parse().map_err(|_| format!("bad {word:?}"))?
+                }
                 None if word == "moat.verbose" => self.verbose = true,
                 None if word == "emul_compat" => self.emul_compat = true,
                 _ => {}
@@ -98,6 +104,11 @@ impl Config {
                 "--cgroup-root" => self.cgroup_root = val("--cgroup-root")?.into(),
                 "--cgroup-mount" => self.cgroup_mount = val("--cgroup-mount")?.into(),
                 "--state-dir" => self.state_dir = val("--state-dir")?.into(),
+                "--pids-limit" => {
+                    self.pids_limit = val("--pids-limit")?
+                        .parse()
+                        .map_err(|_| "bad --pids-limit")?
+                }
                 "--emul-compat" => self.emul_compat = true,
                 "--verbose" | "-v" => self.verbose = true,
                 other => return Err(format!("unknown argument {other:?}")),
@@ -123,11 +134,16 @@ mod tests {
     #[test]
     fn cmdline() {
         let mut c = Config::default();
-        c.apply_cmdline("console=ttyS0 emul_compat quiet moat.port=2000 moat.verbose")
-            .unwrap();
+        assert_eq!(c.pids_limit, moat_protocol::DEFAULT_PIDS_LIMIT);
+        c.apply_cmdline(
+            "console=ttyS0 emul_compat quiet moat.port=2000 moat.verbose moat.pids_limit=64",
+        )
+        .unwrap();
         assert_eq!(c.port, 2000);
+        assert_eq!(c.pids_limit, 64);
         assert!(c.verbose && c.emul_compat);
         assert!(c.apply_cmdline("moat.port=x").is_err());
+        assert!(c.apply_cmdline("moat.pids_limit=-1").is_err());
     }
 
     #[test]

@@ -242,6 +242,8 @@ impl Containers {
         };
         let spec = Arc::new(spec);
         let result = (|| {
+            // The spec's own pids limit, if any, replaces the default.
+            cgroup.default_pids_limit(self.config.pids_limit)?;
             if let Some(r) = &linux.resources {
                 cgroup.apply_oci(r)?;
             }

@@ -36,6 +36,8 @@ pub struct Env {
     /// whose kernel runs in an emulator, where every byte is copied three
     /// times by emulated kernel code).
     pub big_output_mib: u64,
+    /// The pids.max the agent gives a container whose spec sets none.
+    pub pids_limit: u32,
 }
 
 static SKIPS: AtomicU32 = AtomicU32::new(0);
@@ -471,6 +473,76 @@ pub fn vsock_denied(env: &Env) {
     for line in lines {
         assert!(line.ends_with(": socket: EACCES"), "{line}\n{out}");
     }
+}
+
+/// A fork bomb in a container without a pids limit of its own stays at the
+/// agent's default limit, and the agent keeps answering while it runs.
+pub fn fork_bomb(env: &Env) {
+    if !env.cgroup_limits {
+        return skipped("fork_bomb", "no pids controller in the agent's cgroup2");
+    }
+    let c = env.client();
+    // Bomb processes whose fork fails exit and the others fork on, so the
+    // cgroup stays at its limit; the init then needs no fork of its own.
+    let s = spec(
+        &[
+            "sh",
+            "-c",
+            "f() { f | f & }; f; echo armed; exec sleep 1000",
+        ],
+        false,
+    );
+    let mut ctr = start(env, &c, "bomb", &s, false);
+    let armed = ctr.stdout.as_ref().unwrap();
+    assert!(
+        armed.wait_for(b"armed\n", Duration::from_secs(120)),
+        "the bomb did not start"
+    );
+    let req = ContainerRequest {
+        container_id: ctr.id.clone(),
+        ..Default::default()
+    };
+    let limit = u64::from(env.pids_limit);
+    let (mut peak, mut answers) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Until the bomb has filled its cgroup, and the agent has answered
+    // a few times since.
+    while peak < limit || answers < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "pids peaked at {peak} of {limit}"
+        );
+        let asked = Instant::now();
+        let pids = c.stats(c.ctx(), &req).expect("stats during the bomb").pids;
+        // A fresh connection too: the agent spawns threads for it.
+        let fresh = env.client();
+        assert!(
+            asked.elapsed() < Duration::from_secs(30),
+            "the agent took {:?} to answer",
+            asked.elapsed()
+        );
+        drop(fresh);
+        assert_eq!(pids.limit, limit, "{pids:?}");
+        assert!(pids.current <= limit, "{pids:?}");
+        peak = peak.max(pids.current);
+        if peak >= limit {
+            answers += 1;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The init is PID 1 of the container: its death ends the bomb.
+    c.signal_process(
+        c.ctx(),
+        &SignalProcessRequest {
+            container_id: ctr.id.clone(),
+            signal: libc::SIGKILL as u32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (w, _, _) = ctr.finish(&c);
+    assert_eq!(w.signal, 9, "{w:?}");
+    ctr.remove(&c);
 }
 
 /// Every rootfs propagation of the OCI spec starts a container: with a
@@ -1119,6 +1191,7 @@ pub fn all(env: &Env) {
     bad_requests(env);
     malformed_messages(env);
     oom(env);
+    fork_bomb(env);
     big_output(env);
 }
 

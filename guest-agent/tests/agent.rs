@@ -186,6 +186,7 @@ fn main() {
         prefix: "dir".into(),
         cgroup_limits,
         big_output_mib: 100,
+        pids_limit: moat_protocol::DEFAULT_PIDS_LIMIT,
     };
     let erofs_env = Env {
         rootfs: Rootfs {
@@ -248,6 +249,7 @@ fn main() {
             scenarios::malformed_messages,
         ),
         case("oom", &dir_env, scenarios::oom),
+        case("fork_bomb", &dir_env, scenarios::fork_bomb),
         case("big_output (100 MiB)", &dir_env, scenarios::big_output),
     ];
     // One lane: the cases share loop devices and the host's cgroup.

@@ -35,6 +35,9 @@ const DEFAULT_BUDGET: Duration = Duration::from_secs(720);
 const PER_CASE: Duration = Duration::from_secs(300);
 /// Room for Shutdown and the VMM's exit after the last case.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(300);
+/// The agent's default pids limit here: small, so `fork_bomb` fills it
+/// fast in an emulated guest.
+const PIDS_LIMIT: u32 = 64;
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -133,14 +136,11 @@ fn main() {
         .arg(&kernel)
         .arg("--initramfs")
         .arg(&initramfs)
-        .args([
-            "--vcpus",
-            "2",
-            "--memory-mib",
-            "512",
-            "--cmdline",
-            "panic=1",
-        ])
+        .args(["--vcpus", "2", "--memory-mib", "512", "--cmdline"])
+        .arg(format!(
+            "panic=1 {}={PIDS_LIMIT}",
+            moat_protocol::PIDS_LIMIT_PARAM
+        ))
         .arg("--serial")
         .arg(format!("file:{}", serial.display()))
         .arg("--block")
@@ -220,6 +220,7 @@ fn main() {
             // times (pipe in, pipe out, vsock) by guest kernel code, which
             // runs in the PVM host's instruction emulator.
             big_output_mib: 8,
+            pids_limit: PIDS_LIMIT,
         })
     };
     // Two lanes side by side, as the VM has vCPUs (and this host cores),
@@ -235,6 +236,7 @@ fn main() {
             case("stdin", &a, scenarios::stdin),
             case("seccomp_denial", &a, scenarios::seccomp_denial),
             case("path_escapes", &a, scenarios::path_escapes),
+            case("fork_bomb", &a, scenarios::fork_bomb),
             case("malformed_messages", &a, scenarios::malformed_messages),
             case("oom", &a, scenarios::oom),
         ],
@@ -246,6 +248,7 @@ fn main() {
             case("dropped_capabilities", &b, scenarios::dropped_capabilities),
             // Here with real controllers: UpdateContainer and Stats limits run.
             case("bad_requests", &b, scenarios::bad_requests),
+            case("rootfs_propagation", &b, scenarios::rootfs_propagation),
             case("big_output (8 MiB)", &b, scenarios::big_output),
         ],
     ];

@@ -50,6 +50,14 @@ pub const STDIO_PORT_OFFSET: u32 = 1;
 /// Guest vsock port for stdio streams with the default agent port.
 pub const STDIO_PORT: u32 = DEFAULT_AGENT_PORT + STDIO_PORT_OFFSET;
 
+/// Kernel command line parameter: the pids.max of every container whose
+/// OCI spec sets no pids limit (`moat.pids_limit=N`; 0 for none).
+pub const PIDS_LIMIT_PARAM: &str = "moat.pids_limit";
+/// The agent's pids limit without [`PIDS_LIMIT_PARAM`], and the shim's
+/// default for it: a fork bomb stays in its container, and the guest
+/// keeps pids and memory for the agent.
+pub const DEFAULT_PIDS_LIMIT: u32 = 1024;
+
 /// Largest `CopyFileRequest.data` the agent accepts in one call.
 pub const MAX_COPY_CHUNK: usize = 1 << 20;
 /// Where CopyFile paths live in the guest (the agent's default state

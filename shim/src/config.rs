@@ -76,6 +76,13 @@ pub struct Config {
     pub upper: UpperKind,
     /// Apparent size of each sparse ext4 upper image.
     pub upper_size_mib: u64,
+    /// Where the ext4 upper images live (`<upper_dir>/<sandbox>/`): on
+    /// disk, never on a tmpfs such as the state dir, since the guest
+    /// fills them.
+    pub upper_dir: PathBuf,
+    /// Cap on the apparent sizes of one sandbox's upper images together,
+    /// and so on the host disk its guest can fill.
+    pub pod_upper_limit_mib: u64,
     /// Empty block slots each pod VM (CRI sandbox) gets for its later
     /// containers (virtio-mmio has no hotplug); plain containers get none.
     pub spare_block_slots: u32,
@@ -94,6 +101,9 @@ pub struct Config {
     /// (its files then limited by its uid alone); by default that is an
     /// error.
     pub allow_no_landlock: bool,
+    /// pids.max of each container whose spec sets no pids limit (0: none),
+    /// passed to the agent on the guest kernel command line.
+    pub pids_limit: u32,
 }
 
 impl Default for Config {
@@ -112,12 +122,15 @@ impl Default for Config {
             layer_cache_dir: PathBuf::from("/var/lib/moat/layers"),
             upper: UpperKind::Ext4,
             upper_size_mib: 4096,
+            upper_dir: PathBuf::from("/var/lib/moat/uppers"),
+            pod_upper_limit_mib: 16384,
             spare_block_slots: 8,
             seccomp: true,
             agent_port: moat_protocol::DEFAULT_AGENT_PORT,
             jail: true,
             jail_id_base: 0x7000_0000,
             allow_no_landlock: false,
+            pids_limit: moat_protocol::DEFAULT_PIDS_LIMIT,
         }
     }
 }
@@ -160,6 +173,11 @@ impl Config {
             return Err(invalid(&format!(
                 "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"
             )));
+        }
+        if cfg.upper_size_mib > cfg.pod_upper_limit_mib {
+            return Err(invalid(
+                "upper_size_mib must not be above pod_upper_limit_mib",
+            ));
         }
         if cfg.boot_timeout_secs == 0 {
             return Err(invalid("boot_timeout_secs must be positive"));
@@ -226,13 +244,17 @@ mod tests {
         assert_eq!(c.boot_timeout(), Duration::from_secs(120));
         assert_eq!(c.upper, UpperKind::Ext4);
         assert_eq!(c.state_dir, PathBuf::from("/run/moat"));
+        assert_eq!(c.pids_limit, moat_protocol::DEFAULT_PIDS_LIMIT);
+        assert_eq!(c.upper_dir, PathBuf::from("/var/lib/moat/uppers"));
+        assert!(!c.upper_dir.starts_with(&c.state_dir));
     }
 
     #[test]
     fn values_are_read() {
         let c = parse(
             "kernel = \"/k\"\ninitramfs = \"/i\"\nvmm = \"/v\"\nvcpus = 2\nmemory_mib = 512\n\
-             boot_timeout_secs = 30\nagent_timeout_secs = 45\nupper = \"tmpfs\"\nspare_block_slots = 3\n",
+             boot_timeout_secs = 30\nagent_timeout_secs = 45\nupper = \"tmpfs\"\nspare_block_slots = 3\n\
+             pids_limit = 64\n",
         )
         .unwrap();
         assert_eq!(c.kernel, PathBuf::from("/k"));
@@ -243,6 +265,7 @@ mod tests {
         assert_eq!(c.agent_timeout(), Duration::from_secs(45));
         assert!(!c.allow_no_landlock);
         assert!(parse("allow_no_landlock = true").unwrap().allow_no_landlock);
+        assert_eq!(c.pids_limit, 64);
     }
 
     #[test]
@@ -266,6 +289,10 @@ mod tests {
         assert!(e.contains("memory_mib"), "{e}");
         let e = parse("jail_id_base = 4294967000").unwrap_err().to_string();
         assert!(e.contains("jail_id_base"), "{e}");
+        let e = parse("upper_size_mib = 2048\npod_upper_limit_mib = 1024")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pod_upper_limit_mib"), "{e}");
         let e = parse("upper = \"zfs\"").unwrap_err().to_string();
         assert!(e.contains("zfs"), "{e}");
         let e = parse("state_dir = \"/a/very/long/state/directory/path/that/is/too/long\"")
