@@ -33,7 +33,7 @@ use crate::events::{timestamp, Event, Publisher};
 use crate::network::{self, PodNetwork};
 use crate::process::{Process, Status};
 use crate::rootfs::{self, LayerCache, MountSpec, Prepared, UpperSpec};
-use crate::sandbox::{sandbox_dir, Sandbox};
+use crate::sandbox::{sandbox_dir, upper_dir, upper_image, Sandbox};
 use crate::stdio::{ProcessIo, StdioSpec, Streams};
 use crate::volumes;
 
@@ -294,6 +294,8 @@ impl Service {
         let upper = match cfg.upper {
             UpperKind::Ext4 => UpperSpec::Ext4 {
                 size_mib: cfg.upper_size_mib,
+                image: upper_image(&cfg, &grouping, &req.id),
+                pod_limit_mib: cfg.pod_upper_limit_mib,
             },
             UpperKind::Tmpfs => UpperSpec::Tmpfs,
         };
@@ -303,13 +305,14 @@ impl Service {
             let _ = fs::remove_dir_all(&work_dir);
             if booting {
                 let _ = fs::remove_dir_all(&sb_dir);
+                let _ = fs::remove_dir_all(upper_dir(&cfg, &grouping));
             }
         };
         let prepared = rootfs::prepare(
             &plan,
             &LayerCache::new(&cfg.layer_cache_dir),
             &work_dir,
-            upper,
+            &upper,
         )
         .map_err(|e| {
             cleanup_dir(booting);

@@ -41,6 +41,15 @@ pub enum RootfsError {
     NoLowerdir,
     #[error("more than one rootfs mount is not supported ({0} given)")]
     TooManyMounts(usize),
+    #[error(
+        "a {size_mib} MiB upper would take the sandbox's uppers past pod_upper_limit_mib \
+         ({limit_mib} MiB; {used_mib} MiB in use)"
+    )]
+    PodUpperLimit {
+        size_mib: u64,
+        used_mib: u64,
+        limit_mib: u64,
+    },
 }
 
 /// A rootfs mount as containerd passes it (`containerd.types.Mount`).
@@ -164,9 +173,15 @@ impl Prepared {
 }
 
 /// How to build the writable upper.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum UpperSpec {
-    Ext4 { size_mib: u64 },
+    /// A sparse ext4 image at `image`, on disk. The apparent sizes of the
+    /// images in its directory (the sandbox's) stay within `pod_limit_mib`.
+    Ext4 {
+        size_mib: u64,
+        image: PathBuf,
+        pod_limit_mib: u64,
+    },
     Tmpfs,
 }
 
@@ -179,7 +194,7 @@ pub fn prepare(
     plan: &RootfsPlan,
     cache: &LayerCache,
     work_dir: &Path,
-    upper: UpperSpec,
+    upper: &UpperSpec,
 ) -> Result<Prepared, RootfsError> {
     let mut prepared = Prepared {
         layers: Vec::new(),
@@ -197,7 +212,7 @@ fn prepare_into(
     plan: &RootfsPlan,
     cache: &LayerCache,
     work_dir: &Path,
-    upper: UpperSpec,
+    upper: &UpperSpec,
     out: &mut Prepared,
 ) -> Result<(), RootfsError> {
     match plan {
@@ -254,17 +269,50 @@ fn prepare_into(
             }
         }
     }
-    if let UpperSpec::Ext4 { size_mib } = upper {
-        let img = work_dir.join("upper.ext4");
-        out.owned.push(img.clone());
-        make_ext4(&img, size_mib)?;
+    if let UpperSpec::Ext4 {
+        size_mib,
+        image,
+        pod_limit_mib,
+    } = upper
+    {
+        let dir = image.parent().unwrap_or(Path::new("/"));
+        fs::create_dir_all(dir).map_err(|source| RootfsError::Io {
+            what: format!("create {}", dir.display()),
+            source,
+        })?;
+        let used_mib = apparent_size(dir)? >> 20;
+        if used_mib + size_mib > *pod_limit_mib {
+            return Err(RootfsError::PodUpperLimit {
+                size_mib: *size_mib,
+                used_mib,
+                limit_mib: *pod_limit_mib,
+            });
+        }
+        out.owned.push(image.clone());
+        make_ext4(image, *size_mib)?;
         out.upper = Some(Disk {
-            path: img,
+            path: image.clone(),
             fs_type: "ext4".into(),
             read_only: false,
         });
     }
     Ok(())
+}
+
+/// The apparent size of the regular files in `dir` together, in bytes.
+fn apparent_size(dir: &Path) -> Result<u64, RootfsError> {
+    let io = |source| RootfsError::Io {
+        what: format!("read {}", dir.display()),
+        source,
+    };
+    let mut total = 0u64;
+    for entry in fs::read_dir(dir).map_err(io)? {
+        let md = entry.and_then(|e| e.metadata()).map_err(io)?;
+        if md.is_file() {
+            total = total.saturating_add(md.len());
+        }
+    }
+    Ok(total)
 }
 
 /// Guest mount options for a disk of `fs_type`. The ext4 upper is made
@@ -466,12 +514,15 @@ mod tests {
             seed: Some(upper.clone()),
         };
         let work = t.path().join("ctr");
-        let p = prepare(&plan, &cache, &work, UpperSpec::Ext4 { size_mib: 64 }).unwrap();
+        let image = t.path().join("uppers/pod/ctr.ext4");
+        let p = prepare(&plan, &cache, &work, &ext4(&image, 64, 1024)).unwrap();
         assert_eq!(p.layers.len(), 2);
         assert_eq!(p.layers[0].path, work.join("seed.erofs"));
         assert!(p.layers[1].path.starts_with(cache.dir()));
         let up = p.upper.clone().unwrap();
         assert_eq!(up.fs_type, "ext4");
+        // Where it was asked to be, not in the (tmpfs) work dir.
+        assert_eq!(up.path, image);
         // Sparse: 64 MiB apparent, far less allocated.
         let md = fs::metadata(&up.path).unwrap();
         assert_eq!(md.len(), 64 << 20);
@@ -512,7 +563,7 @@ mod tests {
             lowers: vec![lower],
             seed: Some(upper),
         };
-        let p = prepare(&plan, &cache, &t.path().join("c"), UpperSpec::Tmpfs).unwrap();
+        let p = prepare(&plan, &cache, &t.path().join("c"), &UpperSpec::Tmpfs).unwrap();
         assert_eq!(p.layers.len(), 1);
         assert!(p.upper.is_none() && p.owned.is_empty());
     }
@@ -529,8 +580,59 @@ mod tests {
             seed: Some(seed),
         };
         let work = t.path().join("c");
-        assert!(prepare(&plan, &cache, &work, UpperSpec::Ext4 { size_mib: 16 }).is_err());
+        let image = t.path().join("uppers/c.ext4");
+        assert!(prepare(&plan, &cache, &work, &ext4(&image, 16, 1024)).is_err());
         assert!(!work.join("seed.erofs").exists());
-        assert!(!work.join("upper.ext4").exists());
+        assert!(!image.exists());
+    }
+
+    fn ext4(image: &Path, size_mib: u64, pod_limit_mib: u64) -> UpperSpec {
+        UpperSpec::Ext4 {
+            size_mib,
+            image: image.to_owned(),
+            pod_limit_mib,
+        }
+    }
+
+    #[test]
+    fn a_sandboxs_uppers_stay_within_its_cap() {
+        let t = TempDir::new("podcap");
+        let lower = t.path().join("lower");
+        fs::create_dir_all(lower.join("bin")).unwrap();
+        let cache = LayerCache::new(t.path().join("cache"));
+        let plan = RootfsPlan::Layers {
+            lowers: vec![lower],
+            seed: None,
+        };
+        let pod = t.path().join("uppers/pod");
+        let prep = |n: &str| {
+            let work = t.path().join(n);
+            prepare(
+                &plan,
+                &cache,
+                &work,
+                &ext4(&pod.join(format!("{n}.ext4")), 40, 100),
+            )
+        };
+        let a = prep("a").unwrap();
+        let b = prep("b").unwrap();
+        // 80 MiB in use: a third 40 MiB upper is refused, naming the cap,
+        // and leaves no file.
+        let e = prep("c").unwrap_err();
+        assert!(
+            matches!(e, RootfsError::PodUpperLimit { used_mib: 80, .. }),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("pod_upper_limit_mib (100 MiB"),
+            "{e}"
+        );
+        assert!(!pod.join("c.ext4").exists());
+        // Room again once a container is gone.
+        a.remove_owned();
+        let c = prep("c").unwrap();
+        b.remove_owned();
+        c.remove_owned();
+        assert_eq!(fs::read_dir(&pod).unwrap().count(), 0);
     }
 }

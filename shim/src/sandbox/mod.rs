@@ -89,11 +89,27 @@ fn with_causes(e: &dyn std::error::Error) -> String {
 /// The state directory of a sandbox: `<state_dir>/<id>`, with long ids
 /// shortened so that its socket paths stay within moat-vmm's limit.
 pub fn sandbox_dir(cfg: &Config, id: &str) -> PathBuf {
+    cfg.state_dir.join(dir_name(cfg, id))
+}
+
+/// Where a sandbox's writable uppers live: `<upper_dir>/<name>`, named as
+/// its state directory, on disk (not under the state dir, a tmpfs), and
+/// removed with the sandbox.
+pub fn upper_dir(cfg: &Config, id: &str) -> PathBuf {
+    cfg.upper_dir.join(dir_name(cfg, id))
+}
+
+/// The upper image of container `container_id` (a valid id) of sandbox `id`.
+pub fn upper_image(cfg: &Config, id: &str, container_id: &str) -> PathBuf {
+    upper_dir(cfg, id).join(format!("{container_id}.ext4"))
+}
+
+fn dir_name(cfg: &Config, id: &str) -> String {
     // Room for the name in `<state_dir>/<name>/vsock.sock`.
     let room = MAX_SOCKET_PATH
         .saturating_sub(cfg.state_dir.as_os_str().len() + VSOCK_SOCKET.len() + 2)
         .min(64);
-    let name = if id.len() <= room && moat_protocol::ids::is_valid_id(id) {
+    if id.len() <= room && moat_protocol::ids::is_valid_id(id) {
         id.to_owned()
     } else {
         // A hash of the whole id, after as much of it as fits.
@@ -103,8 +119,7 @@ pub fn sandbox_dir(cfg: &Config, id: &str) -> PathBuf {
             .take(room.saturating_sub(17).min(40))
             .collect();
         format!("{keep}-{:016x}", fnv1a(id.as_bytes()))
-    };
-    cfg.state_dir.join(name)
+    }
 }
 
 /// The last `max` bytes of a log file, for error messages.
@@ -165,6 +180,8 @@ impl Drop for UndoBoot {
 pub struct Sandbox {
     pub id: String,
     pub dir: PathBuf,
+    /// The containers' writable uppers ([`upper_dir`]).
+    uppers: PathBuf,
     vmm: Vmm,
     agent: AgentClient,
     slots: Mutex<Vec<Slot>>,
@@ -273,6 +290,7 @@ impl Sandbox {
         Ok(Sandbox {
             id: id.to_owned(),
             dir: dir.to_owned(),
+            uppers: upper_dir(cfg, id),
             vmm,
             agent,
             slots: Mutex::new(slots),
@@ -369,6 +387,7 @@ impl Sandbox {
         if let Some(n) = &self.network {
             n.teardown();
         }
+        let _ = fs::remove_dir_all(&self.uppers);
         log::info!("sandbox {}: VM stopped", self.id);
     }
 }
@@ -407,7 +426,12 @@ fn vm_config(
     jail: Option<JailConfig>,
 ) -> Result<VmConfig, SandboxError> {
     let vcpus = u8::try_from(size.vcpus).map_err(|_| ConfigError::Vcpus(u64::from(size.vcpus)))?;
-    let mut cmdline = format!("moat.port={}", cfg.agent_port);
+    let mut cmdline = format!(
+        "moat.port={} {}={}",
+        cfg.agent_port,
+        moat_protocol::PIDS_LIMIT_PARAM,
+        cfg.pids_limit
+    );
     if !cfg.kernel_cmdline.is_empty() {
         cmdline.push(' ');
         cmdline.push_str(&cfg.kernel_cmdline);
@@ -456,6 +480,7 @@ pub fn cleanup_dead(cfg: &Config, grouping: &str, container_id: &str) {
     let dir = sandbox_dir(cfg, grouping);
     let containers = dir.join("containers");
     let _ = fs::remove_dir_all(containers.join(container_id));
+    let _ = fs::remove_file(upper_image(cfg, grouping, container_id));
     let others = fs::read_dir(&containers).is_ok_and(|mut d| d.next().is_some());
     if others {
         return;
@@ -480,6 +505,7 @@ pub fn cleanup_dead(cfg: &Config, grouping: &str, container_id: &str) {
     }
     crate::network::teardown_recorded(&dir);
     let _ = fs::remove_dir_all(&dir);
+    let _ = fs::remove_dir_all(upper_dir(cfg, grouping));
 }
 
 /// Connects to the agent, retrying while the guest boots.
@@ -532,9 +558,34 @@ mod tests {
             initramfs: dir.join("initramfs.cpio"),
             vmm: Some(dir.join("moat-vmm")),
             state_dir: dir.join("state"),
+            upper_dir: dir.join("uppers"),
             boot_timeout_secs: 2,
             ..Config::default()
         }
+    }
+
+    #[test]
+    fn uppers_live_on_disk_and_go_with_the_sandbox() {
+        let c = Config::default();
+        let img = upper_image(&c, "pod", "ctr");
+        assert_eq!(img, PathBuf::from("/var/lib/moat/uppers/pod/ctr.ext4"));
+        assert!(!img.starts_with(&c.state_dir));
+
+        // shim delete after a shim died: the container's upper goes, and
+        // the sandbox's directory with the last container.
+        let t = TempDir::new("uppers");
+        let c = cfg(t.path());
+        for ctr in ["a", "b"] {
+            fs::create_dir_all(sandbox_dir(&c, "pod").join("containers").join(ctr)).unwrap();
+            fs::create_dir_all(upper_dir(&c, "pod")).unwrap();
+            fs::write(upper_image(&c, "pod", ctr), "x").unwrap();
+        }
+        cleanup_dead(&c, "pod", "a");
+        assert!(!upper_image(&c, "pod", "a").exists());
+        assert!(upper_image(&c, "pod", "b").exists());
+        cleanup_dead(&c, "pod", "b");
+        assert!(!upper_dir(&c, "pod").exists());
+        assert!(!sandbox_dir(&c, "pod").exists());
     }
 
     #[test]
@@ -669,6 +720,9 @@ mod tests {
         assert_eq!(v.net[0].tap_fd, Some(7));
         assert_eq!(v.serial, SerialOutput::File(dir.join("console.log")));
         assert!(v.cmdline.starts_with("moat.port="));
+        // The agent's default pids limit comes from the shim's config.
+        let pids = format!("{}={}", moat_protocol::PIDS_LIMIT_PARAM, c.pids_limit);
+        assert!(v.cmdline.split(' ').any(|w| w == pids), "{}", v.cmdline);
         // Landlock is required unless the shim's config says otherwise.
         assert!(!v.jail.unwrap().allow_no_landlock);
         c.allow_no_landlock = true;
