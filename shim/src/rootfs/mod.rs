@@ -8,6 +8,7 @@
 pub mod cache;
 
 use std::fs;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -276,10 +277,15 @@ fn prepare_into(
     } = upper
     {
         let dir = image.parent().unwrap_or(Path::new("/"));
-        fs::create_dir_all(dir).map_err(|source| RootfsError::Io {
-            what: format!("create {}", dir.display()),
-            source,
-        })?;
+        // What the guest writes is for root's eyes only.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| RootfsError::Io {
+                what: format!("create {}", dir.display()),
+                source,
+            })?;
         let used_mib = apparent_size(dir)? >> 20;
         if used_mib + size_mib > *pod_limit_mib {
             return Err(RootfsError::PodUpperLimit {
@@ -327,12 +333,19 @@ pub fn mount_options(fs_type: &str) -> Vec<String> {
     }
 }
 
-/// Creates a sparse ext4 image of `size_mib` MiB (only metadata takes space).
+/// Creates a sparse ext4 image of `size_mib` MiB (only metadata takes
+/// space), readable by its owner only.
 pub fn make_ext4(path: &Path, size_mib: u64) -> Result<(), RootfsError> {
-    let file = fs::File::create(path).map_err(|source| RootfsError::Io {
-        what: format!("create {}", path.display()),
-        source,
-    })?;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| RootfsError::Io {
+            what: format!("create {}", path.display()),
+            source,
+        })?;
     file.set_len(size_mib << 20)
         .map_err(|source| RootfsError::Io {
             what: format!("size {}", path.display()),
@@ -391,7 +404,7 @@ pub(crate) mod testutil {
 mod tests {
     use super::testutil::TempDir;
     use super::*;
-    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 
     fn m(kind: &str, source: &str, options: &[&str]) -> MountSpec {
         MountSpec {
@@ -616,6 +629,15 @@ mod tests {
         };
         let a = prep("a").unwrap();
         let b = prep("b").unwrap();
+        for p in [pod.clone(), pod.join("a.ext4")] {
+            let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "{} is open to others: {mode:o}",
+                p.display()
+            );
+        }
         // 80 MiB in use: a third 40 MiB upper is refused, naming the cap,
         // and leaves no file.
         let e = prep("c").unwrap_err();
