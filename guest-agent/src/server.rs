@@ -237,15 +237,21 @@ impl Agent for AgentService {
         let containers = self.containers.clone();
         let init = self.config.init;
         // Reply first; the VM (or test process) goes away right after.
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            containers.kill_all();
-            if init {
-                crate::init::power_off();
-            }
-            std::process::exit(0);
-        });
-        Ok(Empty::new())
+        let spawned = std::thread::Builder::new()
+            .name("shutdown".into())
+            .spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                containers.kill_all();
+                if init {
+                    crate::init::power_off();
+                }
+                std::process::exit(0);
+            });
+        // A guest out of threads says so; the host then stops the VM.
+        let r = spawned
+            .map(drop)
+            .map_err(|e| AgentError::Spawn(format!("shutdown thread: {e}")));
+        reply("Shutdown", r.map(|()| Empty::new()))
     }
 }
 

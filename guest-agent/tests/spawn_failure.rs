@@ -1,6 +1,7 @@
 //! The agent as the guest runs it (the initramfs's build profile) survives
 //! a connection for which ttrpc cannot spawn its threads: ttrpc panics
 //! then, and in the guest the agent is PID 1, whose end is the guest's.
+//! A Shutdown that cannot spawn its thread fails with an error.
 //!
 //! The agent runs on the host on a unix socket, in a pids cgroup whose
 //! limit leaves room for one more thread only. Needs root and a pids
@@ -116,15 +117,20 @@ fn ttrpc_thread_spawn_failure_does_not_end_the_agent() {
     }
     std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| eprintln!("{l}")));
 
+    // Connected (its threads running) before the limit.
+    let early = AgentClient::connect(Connector::unix_ports(&base), DEFAULT_AGENT_PORT)
+        .expect("the agent answers");
     // Room for one more thread: ttrpc's connection thread starts, and the
     // threads it spawns in turn cannot.
     write(&cgroup.join("cgroup.procs"), &fx.agent.id().to_string());
-    let current: u64 = std::fs::read_to_string(cgroup.join("pids.current"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    write(&cgroup.join("pids.max"), &(current + 1).to_string());
+    let current = || -> u64 {
+        std::fs::read_to_string(cgroup.join("pids.current"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    write(&cgroup.join("pids.max"), &(current() + 1).to_string());
     let port_path = moat_protocol::client::unix_port_path(&base, DEFAULT_AGENT_PORT);
     let held: Vec<UnixStream> = (0..3)
         .map(|_| UnixStream::connect(&port_path).expect("connect"))
@@ -137,6 +143,15 @@ fn ttrpc_thread_spawn_failure_does_not_end_the_agent() {
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(held);
+    // Shutdown needs a thread too: without one it fails, and says why.
+    write(&cgroup.join("pids.max"), &current().to_string());
+    let r = early.shutdown(
+        ttrpc::context::with_duration(Duration::from_secs(10)),
+        &Default::default(),
+    );
+    let e = format!("{:?}", r.expect_err("Shutdown without a thread"));
+    assert!(e.contains("shutdown thread"), "{e}");
+    assert!(fx.agent.try_wait().unwrap().is_none(), "the agent ended");
 
     write(&cgroup.join("pids.max"), "max");
     let client = AgentClient::connect(Connector::unix_ports(&base), DEFAULT_AGENT_PORT)
