@@ -37,7 +37,7 @@ fn pids_hierarchy() -> Option<PathBuf> {
 }
 
 fn agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("MOAT_AGENT_BIN") {
+    if let Some(p) = std::env::var_os("MOAT_AGENT_BIN").filter(|p| !p.is_empty()) {
         return p.into();
     }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("build-initramfs.sh");
