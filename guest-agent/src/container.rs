@@ -196,7 +196,7 @@ impl Containers {
         }
         let linux = spec.linux.clone().unwrap_or_default();
         // No profile, not even Unconfined, lets a workload open vsock.
-        let mut seccomp = vec![crate::seccomp::deny_vsock()?];
+        let mut seccomp = vec![crate::seccomp::workload_floor()?];
         if let Some(s) = &linux.seccomp {
             seccomp.extend(crate::seccomp::compile(s)?);
         }
