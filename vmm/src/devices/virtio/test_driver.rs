@@ -97,15 +97,25 @@ impl TestQueue {
         addr
     }
 
-    /// Writes a raw descriptor at table index `idx`.
-    pub fn write_desc(&self, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let base = self.desc_table + 16 * u64::from(idx);
+    /// A descriptor as it lies in a table.
+    pub fn raw_desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
         let mut raw = [0u8; 16];
         raw[..8].copy_from_slice(&addr.to_le_bytes());
         raw[8..12].copy_from_slice(&len.to_le_bytes());
         raw[12..14].copy_from_slice(&flags.to_le_bytes());
         raw[14..].copy_from_slice(&next.to_le_bytes());
-        self.mem.write_slice(&raw, GuestAddress(base)).unwrap();
+        raw
+    }
+
+    /// Writes `data` at guest address `addr` (an indirect table, say).
+    pub fn write_raw(&self, addr: u64, data: &[u8]) {
+        self.mem.write_slice(data, GuestAddress(addr)).unwrap();
+    }
+
+    /// Writes a raw descriptor at table index `idx`.
+    pub fn write_desc(&self, idx: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let base = self.desc_table + 16 * u64::from(idx);
+        self.write_raw(base, &Self::raw_desc(addr, len, flags, next));
     }
 
     /// Makes the chain starting at `head` available and notifies the device.
@@ -235,4 +245,17 @@ pub fn readable_within(fd: &impl AsRawFd, timeout: Duration) -> bool {
     // SAFETY: `pfd` is a valid pollfd for the duration of the call.
     let ret = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
     ret > 0
+}
+
+/// Waits until the device behind `irq` asked for a reset (DEVICE_NEEDS_RESET
+/// and a config-change interrupt) and `worker_ended` says its worker thread
+/// is gone; panics after `timeout`.
+pub fn wait_needs_reset(irq: &Interrupt, timeout: Duration, worker_ended: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !irq.needs_reset() || !worker_ended() {
+        assert!(Instant::now() < deadline, "the device still runs");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let status = irq.status().load(Ordering::SeqCst);
+    assert_ne!(status & super::device::INT_CONFIG_CHANGE, 0);
 }

@@ -2,19 +2,23 @@
 //! stopped and joined on reset and drop) that runs a [`DeviceWorker`]'s
 //! epoll loop, plus the queue helpers workers share.
 //!
-//! A worker that finds its rings corrupt (see [`RingError`]) ends its loop:
-//! the device is marked DEVICE_NEEDS_RESET with a config-change interrupt
-//! and serves nothing until the driver resets it. It never spins on a ring
-//! it cannot make progress on, so a reset never waits on a busy thread.
+//! A worker that finds its rings corrupt or a descriptor chain malformed
+//! (see [`RingError`]) ends its loop: the device is marked
+//! DEVICE_NEEDS_RESET with a config-change interrupt and serves nothing
+//! until the driver resets it. It never spins on a ring it cannot make
+//! progress on, so a reset never waits on a busy thread. A well-formed
+//! chain the device merely cannot serve (an unsupported request, a frame
+//! too short) is answered on its own and does not stop the device.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use log::{error, warn};
+use log::error;
 use seccompiler::BpfProgram;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -26,8 +30,41 @@ use crate::logger::RateLimit;
 /// The epoll token of the kill eventfd; workers use smaller tokens.
 const KILL_TOKEN: u64 = u64::MAX;
 
-/// How a ring breaks the virtio rules in a way no chain-level answer can
-/// repair: the device needs a reset.
+/// How a descriptor chain breaks the virtio rules. No answer to the chain
+/// can repair that: like a corrupt ring, it puts the device in
+/// DEVICE_NEEDS_RESET.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// The chain loops, runs past the queue size (an indirect table
+    /// counts too), or leaves its descriptor table or guest memory; a
+    /// head index past the queue size is one too.
+    #[error("Descriptor chain {head} loops or does not end within the queue size")]
+    Unterminated {
+        /// Head index of the chain.
+        head: u16,
+    },
+    /// A buffer lies outside guest memory.
+    #[error("Descriptor chain {head} has a buffer outside guest memory: {len} bytes at {addr:#x}")]
+    OutsideMemory {
+        /// Head index of the chain.
+        head: u16,
+        /// Guest address of the buffer.
+        addr: u64,
+        /// Its length.
+        len: u32,
+    },
+    /// The buffers hold more bytes than the device takes in one chain.
+    #[error("Descriptor chain {head} is longer than the {max} bytes the queue takes")]
+    TooLong {
+        /// Head index of the chain.
+        head: u16,
+        /// The most bytes a chain of this queue may hold.
+        max: u32,
+    },
+}
+
+/// How a ring or one of its chains breaks the virtio rules in a way no
+/// chain-level answer can repair: the device needs a reset.
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
     /// The driver's avail index is more than a queue size ahead of the
@@ -37,6 +74,17 @@ pub enum RingError {
     /// The event index or flags cannot be written.
     #[error("Cannot update the used ring's notification state")]
     Notification(#[source] virtio_queue::Error),
+    /// A chain cannot be put in the used ring.
+    #[error("Cannot return descriptor chain {head} to the used ring")]
+    Used {
+        /// Head index of the chain.
+        head: u16,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// A chain the driver made available is malformed.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
 }
 
 /// What a device does on its worker thread. [`WorkerThread::spawn`] polls
@@ -164,8 +212,8 @@ fn run<W: DeviceWorker>(worker: &mut W) -> Result<(), RingError> {
     }
 }
 
-/// Ring errors are the guest's doing: a guest that resets and breaks its
-/// rings in a loop must not flood the log.
+/// Ring and chain errors are the guest's doing: a guest that resets and
+/// breaks its rings in a loop must not flood the log.
 static RING_ERRORS: RateLimit = RateLimit::new();
 
 fn ring_failed(name: &str, interrupt: &Interrupt, err: &RingError) {
@@ -253,13 +301,74 @@ impl DeviceState {
 /// A descriptor chain as a worker pops it.
 pub type Chain<'a> = DescriptorChain<&'a GuestMemory>;
 
-/// The next chain the driver made available on `queue`, if any; an error
-/// if the avail ring is corrupt.
+/// The most bytes a chain may hold when the device sets no lower bound:
+/// the used ring's length field is 32 bits.
+pub const ANY_CHAIN_LEN: u32 = u32::MAX;
+
+/// Checks that `chain` is well formed: it ends within `max_descs`
+/// descriptors, every buffer lies in guest memory and the buffers hold at
+/// most `max_len` bytes. What a chain says (directions, headers) is the
+/// device's to judge; only a chain that passes this check reaches it.
+fn check_chain(
+    chain: &Chain<'_>,
+    mem: &GuestMemory,
+    max_descs: u16,
+    max_len: u32,
+) -> Result<(), ChainError> {
+    let head = chain.head_index();
+    let mut total = 0u64;
+    // virtio-queue stops at the queue size (a loop), at a next index past
+    // the table or at an unreadable descriptor: the last one it yields then
+    // still has NEXT set. An indirect table may hold up to 64 Ki entries.
+    for (count, desc) in chain.clone().enumerate() {
+        if count >= usize::from(max_descs) {
+            break;
+        }
+        let (addr, len) = (desc.addr(), desc.len());
+        if !GuestMemoryBackend::check_range(mem, addr, len as usize) {
+            return Err(ChainError::OutsideMemory {
+                head,
+                addr: addr.0,
+                len,
+            });
+        }
+        total += u64::from(len);
+        if total > u64::from(max_len) {
+            return Err(ChainError::TooLong { head, max: max_len });
+        }
+        if !desc.has_next() {
+            return Ok(());
+        }
+    }
+    Err(ChainError::Unterminated { head })
+}
+
+/// The next chain the driver made available on `queue`, if any, once
+/// checked to be well formed and to hold at most `max_len` bytes; an error
+/// if the avail ring is corrupt or the chain malformed.
 pub fn next_chain<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemory,
+    max_len: u32,
 ) -> Result<Option<Chain<'m>>, RingError> {
-    Ok(queue.iter(mem).map_err(RingError::Avail)?.next())
+    let max_descs = queue.size();
+    let Some(chain) = queue.iter(mem).map_err(RingError::Avail)?.next() else {
+        return Ok(None);
+    };
+    check_chain(&chain, mem, max_descs, max_len)?;
+    Ok(Some(chain))
+}
+
+/// Puts the chain at `head` in the used ring with `len` bytes written.
+pub fn add_used(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    head: u16,
+    len: u32,
+) -> Result<(), RingError> {
+    queue
+        .add_used(mem, head, len)
+        .map_err(|source| RingError::Used { head, source })
 }
 
 /// Turns kicks back on; whether chains came in meanwhile (look again).
@@ -278,19 +387,16 @@ pub struct Drained {
     pub paused: bool,
 }
 
-/// Chains the guest cannot get back (a head index past the queue); one
-/// guest could otherwise write a log line per chain.
-static UNRETURNABLE: RateLimit = RateLimit::new();
-
-/// Hands every chain the driver made available on `queue` to `serve` and
-/// returns it to the used ring with the byte count `serve` wrote into it.
-/// `serve` may instead return `None` to leave the chain on the queue and
-/// stop. Kicks are off while chains are served, and a last look after
-/// turning them back on catches the chains that raced with that.
+/// Hands every chain the driver made available on `queue` (checked by
+/// [`next_chain`] against `max_len`) to `serve` and returns it to the used
+/// ring with the byte count `serve` wrote into it. `serve` may instead
+/// return `None` to leave the chain on the queue and stop. Kicks are off
+/// while chains are served, and a last look after turning them back on
+/// catches the chains that raced with that.
 pub fn drain_queue<'m, F>(
     queue: &mut Queue,
     mem: &'m GuestMemory,
-    what: impl std::fmt::Display,
+    max_len: u32,
     mut serve: F,
 ) -> Result<Drained, RingError>
 where
@@ -299,19 +405,14 @@ where
     let mut used = false;
     loop {
         let _ = queue.disable_notification(mem);
-        while let Some(chain) = next_chain(queue, mem)? {
+        while let Some(chain) = next_chain(queue, mem, max_len)? {
             let head = chain.head_index();
             let Some(len) = serve(chain) else {
                 queue.go_to_previous_position();
                 return Ok(Drained { used, paused: true });
             };
-            match queue.add_used(mem, head, len) {
-                Ok(()) => used = true,
-                Err(err) if UNRETURNABLE.allow() => {
-                    warn!("{what}: cannot return a chain: {err}")
-                }
-                Err(_) => {}
-            }
+            add_used(queue, mem, head, len)?;
+            used = true;
         }
         if !reenable_notification(queue, mem)? {
             return Ok(Drained {
@@ -438,7 +539,7 @@ mod tests {
         let mut queue = tq.activated(true).queue;
         tq.set_avail_idx(17);
         let mut served = 0;
-        let res = drain_queue(&mut queue, &mem, "test", |_| {
+        let res = drain_queue(&mut queue, &mem, ANY_CHAIN_LEN, |_| {
             served += 1;
             Some(0)
         });
@@ -446,7 +547,106 @@ mod tests {
         assert_eq!(served, 0);
         // Within a queue size it is fine (the chains are zeroed descriptors).
         tq.set_avail_idx(16);
-        let res = drain_queue(&mut queue, &mem, "test", |_| Some(0)).unwrap();
+        let res = drain_queue(&mut queue, &mem, ANY_CHAIN_LEN, |_| Some(0)).unwrap();
         assert!(res.used);
+    }
+
+    /// next_chain on the first chain `build` publishes on a fresh queue of
+    /// 16: its head, or the error.
+    fn first_chain(build: impl FnOnce(&mut TestQueue), max_len: u32) -> Result<u16, RingError> {
+        let mem = guest_memory();
+        let mut tq = TestQueue::new(&mem, 0, 16);
+        let mut queue = tq.activated(false).queue;
+        build(&mut tq);
+        let chain = next_chain(&mut queue, &mem, max_len)?;
+        Ok(chain.expect("a chain").head_index())
+    }
+
+    #[test]
+    fn next_chain_refuses_malformed_chains() {
+        use crate::devices::virtio::test_driver::{MEM_SIZE, VRING_DESC_F_NEXT};
+        const INDIRECT: u16 = 4;
+        let unterminated = |build: &dyn Fn(&mut TestQueue)| {
+            let res = first_chain(build, ANY_CHAIN_LEN);
+            assert!(
+                matches!(res, Err(RingError::Chain(ChainError::Unterminated { .. }))),
+                "{res:?}"
+            );
+        };
+        // Loops: 1 -> 2 -> 1, and 3 -> 3.
+        unterminated(&|q| {
+            q.write_desc(1, 0x10_0000, 8, VRING_DESC_F_NEXT, 2);
+            q.write_desc(2, 0x10_0000, 8, VRING_DESC_F_NEXT, 1);
+            q.publish(1);
+        });
+        unterminated(&|q| {
+            q.write_desc(3, 0x10_0000, 8, VRING_DESC_F_NEXT, 3);
+            q.publish(3);
+        });
+        // A next index, or a head, past the queue.
+        unterminated(&|q| {
+            q.write_desc(0, 0x10_0000, 8, VRING_DESC_F_NEXT, 999);
+            q.publish(0);
+        });
+        unterminated(&|q| q.publish(200));
+        // An indirect table longer than the queue, or outside memory.
+        unterminated(&|q| {
+            let table = q.alloc(17 * 16);
+            for i in 0..17u16 {
+                let flags = if i < 16 { VRING_DESC_F_NEXT } else { 0 };
+                let desc = TestQueue::raw_desc(0x10_0000, 8, flags, i + 1);
+                q.write_raw(table + 16 * u64::from(i), &desc);
+            }
+            q.write_desc(0, table, 17 * 16, INDIRECT, 0);
+            q.publish(0);
+        });
+        unterminated(&|q| {
+            q.write_desc(0, 1 << 40, 64, INDIRECT, 0);
+            q.publish(0);
+        });
+        // Buffers outside guest memory: past it, across its end, wrapping.
+        for addr in [1 << 40, MEM_SIZE as u64 - 8, u64::MAX - 100] {
+            let res = first_chain(
+                |q| {
+                    let ok = q.readable(&[0; 8]);
+                    q.write_desc(0, ok.addr, 8, VRING_DESC_F_NEXT, 1);
+                    q.write_desc(1, addr, 512, 0, 0);
+                    q.publish(0);
+                },
+                ANY_CHAIN_LEN,
+            );
+            assert!(
+                matches!(res, Err(RingError::Chain(ChainError::OutsideMemory { addr: a, len: 512, .. })) if a == addr),
+                "{res:?}"
+            );
+        }
+        // Longer than the queue takes, in one buffer or in two.
+        let two = |q: &mut TestQueue| {
+            let a = q.readable(&[0; 60]);
+            q.write_desc(0, a.addr, 60, VRING_DESC_F_NEXT, 1);
+            q.write_desc(1, a.addr, 60, 0, 0);
+            q.publish(0);
+        };
+        let res = first_chain(two, 100);
+        assert!(
+            matches!(
+                res,
+                Err(RingError::Chain(ChainError::TooLong { head: 0, max: 100 }))
+            ),
+            "{res:?}"
+        );
+        assert_eq!(first_chain(two, 120).unwrap(), 0);
+    }
+
+    #[test]
+    fn next_chain_takes_a_chain_as_long_as_the_queue() {
+        let res = first_chain(
+            |q| {
+                let buf = q.readable(&[1; 16]);
+                q.add_chain(&[buf; 16]);
+            },
+            16 * 16,
+        );
+        assert_eq!(res.unwrap(), 0);
     }
 }

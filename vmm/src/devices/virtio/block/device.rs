@@ -24,7 +24,7 @@ use crate::devices::virtio::device::{
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::devices::virtio::worker::{
-    drain_queue, epoll_on, notify_used, DeviceState, DeviceWorker, RingError,
+    drain_queue, epoll_on, notify_used, DeviceState, DeviceWorker, RingError, ANY_CHAIN_LEN,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -349,8 +349,9 @@ impl DeviceWorker for Worker {
         // Chains borrow the memory while the queue changes; the clone is a
         // few reference counts.
         let mem = self.mem.clone();
-        let what = format_args!("block {}", self.shared.id);
-        let drained = drain_queue(&mut self.queue, &mem, what, |chain| {
+        // A request past the disk's end is the request's failure (IOERR),
+        // not a malformed chain.
+        let drained = drain_queue(&mut self.queue, &mem, ANY_CHAIN_LEN, |chain| {
             let backing = self.shared.backing();
             Some(request::process(chain, &mem, &backing, &self.serial))
         })?;
@@ -376,8 +377,8 @@ mod tests {
     use crate::devices::virtio::device::INT_CONFIG_CHANGE;
     use crate::devices::virtio::net::test_utils::thread_ticks;
     use crate::devices::virtio::test_driver::{
-        guest_memory, interrupt, readable_within, Desc, TestQueue, MEM_SIZE, VRING_DESC_F_NEXT,
-        VRING_DESC_F_WRITE,
+        guest_memory, interrupt, readable_within, wait_needs_reset, Desc, TestQueue, MEM_SIZE,
+        VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
 
     const WAIT: Duration = Duration::from_secs(5);
@@ -671,44 +672,119 @@ mod tests {
         assert_eq!(h.submit(&[hdr, status], status), (1, VIRTIO_BLK_S_IOERR));
     }
 
-    #[test]
-    fn malformed_chains_do_not_stop_the_device() {
-        let file = disk(8);
-        let mut h = start(Block::new("bad", Some(file.as_path()), false, None).unwrap());
+    /// Publishes a malformed chain on a queue.
+    type BuildChain = Box<dyn Fn(&mut TestQueue)>;
 
-        // A data buffer outside guest memory: IOERR, status written.
-        let hdr = h.queue.readable(&header(VIRTIO_BLK_T_IN, 0));
-        let outside = Desc {
-            addr: MEM_SIZE as u64 - 256,
-            len: 512,
-            write: true,
+    /// Structural faults of a chain; each must stop the device.
+    fn malformed_chains(hdr: Desc) -> Vec<(&'static str, BuildChain)> {
+        let chain = |descs: Vec<Desc>| -> BuildChain {
+            Box::new(move |q: &mut TestQueue| {
+                q.add_chain(&descs);
+            })
         };
-        let status = h.queue.writable(1);
-        assert_eq!(
-            h.submit(&[hdr, outside, status], status),
-            (0, VIRTIO_BLK_S_IOERR)
-        );
-        let wrapping = Desc {
-            addr: u64::MAX - 100,
-            len: 512,
-            write: true,
-        };
-        let status = h.queue.writable(1);
-        assert_eq!(
-            h.submit(&[hdr, wrapping, status], status),
-            (0, VIRTIO_BLK_S_IOERR)
-        );
-
-        // A status byte outside guest memory: returned with length 0.
         let status = Desc {
-            addr: MEM_SIZE as u64,
+            addr: 0x8000,
             len: 1,
             write: true,
         };
-        let head = h.queue.add_chain(&[hdr, status]);
-        assert_eq!(h.queue.wait_used(WAIT), Some((head, 0)));
+        let data_at = |addr| Desc {
+            addr,
+            len: 512,
+            write: true,
+        };
+        vec![
+            (
+                "data outside memory",
+                chain(vec![hdr, data_at(MEM_SIZE as u64 - 256), status]),
+            ),
+            (
+                "data wrapping the address space",
+                chain(vec![hdr, data_at(u64::MAX - 100), status]),
+            ),
+            (
+                "status outside memory",
+                chain(vec![
+                    hdr,
+                    Desc {
+                        addr: MEM_SIZE as u64,
+                        ..status
+                    },
+                ]),
+            ),
+            (
+                "a loop",
+                Box::new(move |q: &mut TestQueue| {
+                    q.write_desc(200, hdr.addr, 16, VRING_DESC_F_NEXT, 201);
+                    q.write_desc(201, 0x8000, 1, VRING_DESC_F_NEXT | VRING_DESC_F_WRITE, 200);
+                    q.publish(200);
+                }),
+            ),
+            (
+                "a next index past the table",
+                Box::new(move |q: &mut TestQueue| {
+                    q.write_desc(202, hdr.addr, 16, VRING_DESC_F_NEXT, QUEUE_SIZE + 5);
+                    q.publish(202);
+                }),
+            ),
+            (
+                "more segments than SEG_MAX, past the queue size",
+                Box::new(move |q: &mut TestQueue| {
+                    let (table, len) = indirect_table(q, hdr, SEG_MAX as usize + 1, status);
+                    q.write_desc(203, table, len, VRING_DESC_F_INDIRECT, 0);
+                    q.publish(203);
+                }),
+            ),
+            (
+                "an indirect table of 2000 entries",
+                Box::new(move |q: &mut TestQueue| {
+                    let (table, len) = indirect_table(q, hdr, 2000, status);
+                    q.write_desc(204, table, len, VRING_DESC_F_INDIRECT, 0);
+                    q.publish(204);
+                }),
+            ),
+        ]
+    }
 
-        // Status descriptor read-only, or missing (chain of the header only).
+    // The issue changed the spec: a malformed chain used to be answered on
+    // its own (IOERR, or returned empty); it now needs a device reset.
+    #[test]
+    fn malformed_chains_need_a_reset_and_stop_the_device() {
+        let file = disk(8);
+        let mut h = start(Block::new("bad", Some(file.as_path()), false, None).unwrap());
+        let hdr = h.queue.readable(&header(VIRTIO_BLK_T_IN, 0));
+        for (what, build) in malformed_chains(hdr) {
+            h.queue.write_raw(0x8000, &[0xee]);
+            build(&mut h.queue);
+            wait_needs_reset(&h.irq, WAIT, || !h.block.state.has_worker());
+            assert_eq!(h.queue.next_used(), None, "{what}: chain returned");
+            assert_eq!(h.queue.read(0x8000, 1), [0xee], "{what}: status written");
+            // The reset does not wait on a busy worker, and the device
+            // serves fresh rings again.
+            let t = std::time::Instant::now();
+            h.block.reset();
+            assert!(t.elapsed() < Duration::from_secs(1), "{what}");
+            h.irq.reset();
+            let mem = guest_memory();
+            h.queue = TestQueue::new(&mem, 0, QUEUE_SIZE);
+            h.block.set_acked_features(h.block.avail_features());
+            h.block
+                .activate(mem, h.irq.clone(), vec![h.queue.activated(true)])
+                .unwrap();
+            let (len, status, data) = h.read_sectors(5, 1);
+            assert_eq!((len, status), (513, VIRTIO_BLK_S_OK), "{what}");
+            assert!(data.iter().all(|&b| b == 5));
+            assert!(!h.irq.needs_reset());
+        }
+    }
+
+    #[test]
+    fn bad_requests_in_well_formed_chains_do_not_stop_the_device() {
+        let file = disk(8);
+        let mut h = start(Block::new("badreq", Some(file.as_path()), false, None).unwrap());
+        let hdr = h.queue.readable(&header(VIRTIO_BLK_T_IN, 0));
+
+        // Status descriptor read-only, or missing (chain of the header
+        // only), or empty: no status byte to answer with, returned empty.
         let ro_status = h.queue.readable(&[0xee]);
         let head = h.queue.add_chain(&[hdr, ro_status]);
         assert_eq!(h.queue.wait_used(WAIT), Some((head, 0)));
@@ -719,28 +795,7 @@ mod tests {
         let head = h.queue.add_chain(&[hdr, empty_status]);
         assert_eq!(h.queue.wait_used(WAIT), Some((head, 0)));
 
-        // A chain that loops: descriptors 200 -> 201 -> 200.
-        let status = h.queue.writable(1);
-        h.queue
-            .write_desc(200, hdr.addr, 16, VRING_DESC_F_NEXT, 201);
-        h.queue.write_desc(
-            201,
-            status.addr,
-            1,
-            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
-            200,
-        );
-        h.queue.publish(200);
-        assert_eq!(h.queue.wait_used(WAIT), Some((200, 0)));
-        assert_eq!(h.queue.read(status.addr, 1), [0], "status untouched");
-        // A next index past the table.
-        h.queue
-            .write_desc(202, hdr.addr, 16, VRING_DESC_F_NEXT, QUEUE_SIZE + 5);
-        h.queue.publish(202);
-        assert_eq!(h.queue.wait_used(WAIT), Some((202, 0)));
-
         // Zero-length data descriptors, SEG_MAX of them: the whole queue.
-        let hdr = h.queue.readable(&header(VIRTIO_BLK_T_IN, 0));
         let zero = Desc {
             addr: 0x8000,
             len: 0,
@@ -752,24 +807,6 @@ mod tests {
         descs.push(status);
         assert_eq!(descs.len(), QUEUE_SIZE as usize);
         assert_eq!(h.submit(&descs, status), (1, VIRTIO_BLK_S_OK));
-
-        // More segments than SEG_MAX (through an indirect table, the only
-        // way to build such a chain): IOERR.
-        let status = h.queue.writable(1);
-        let (table, len) = indirect_table(&mut h.queue, hdr, SEG_MAX as usize + 1, status);
-        h.queue
-            .write_desc(203, table, len, VRING_DESC_F_INDIRECT, 0);
-        h.queue.publish(203);
-        assert_eq!(h.queue.wait_used(WAIT), Some((203, 1)));
-        assert_eq!(h.queue.read(status.addr, 1), [VIRTIO_BLK_S_IOERR]);
-        // A chain too long to walk: returned untouched.
-        let status = h.queue.writable(1);
-        let (table, len) = indirect_table(&mut h.queue, hdr, 2000, status);
-        h.queue
-            .write_desc(204, table, len, VRING_DESC_F_INDIRECT, 0);
-        h.queue.publish(204);
-        assert_eq!(h.queue.wait_used(WAIT), Some((204, 0)));
-        assert_eq!(h.queue.read(status.addr, 1), [0]);
 
         // Readable after writable.
         let data = h.queue.writable(512);
@@ -784,6 +821,7 @@ mod tests {
         let (len, status, data) = h.read_sectors(5, 1);
         assert_eq!((len, status), (513, VIRTIO_BLK_S_OK));
         assert!(data.iter().all(|&b| b == 5));
+        assert!(!h.irq.needs_reset());
     }
 
     #[test]

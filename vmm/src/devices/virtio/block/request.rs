@@ -1,10 +1,14 @@
 //! Parsing and serving one virtio-blk request.
 //!
-//! Everything in a chain comes from the guest and is checked before use:
-//! descriptor addresses against guest memory, the request against the
-//! capacity, the data direction against the request type. A request that
-//! fails a check gets `VIRTIO_BLK_S_IOERR` when its status byte can be
-//! written; a chain without one is handed back untouched, with length 0.
+//! The worker only hands over chains that are well formed (they end within
+//! the queue size and lie in guest memory; see `worker::next_chain`); a
+//! malformed one puts the device in DEVICE_NEEDS_RESET instead. What the
+//! request says is checked here: the request against the capacity, the
+//! data direction against the request type, the buffer layout. A request
+//! that fails a check gets `VIRTIO_BLK_S_IOERR` (`VIRTIO_BLK_S_UNSUPP` for
+//! an unknown type) when its status byte can be written; a chain without
+//! one is handed back untouched, with length 0. Guest memory is checked
+//! again on use, as the guest may rewrite a chain after it was checked.
 
 use std::fs::File;
 use std::io;
@@ -17,7 +21,7 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
 use super::{
-    SECTOR_SHIFT, SEG_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+    QUEUE_SIZE, SECTOR_SHIFT, SEG_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 };
@@ -25,10 +29,6 @@ use crate::devices::virtio::device::GuestMemory;
 
 /// Size of `virtio_blk_outhdr`: type, reserved, sector.
 const HEADER_LEN: u32 = 16;
-/// Most descriptors read from one chain. Without indirect descriptors a
-/// chain is at most a queue long; an indirect table (never offered, but a
-/// guest may use one anyway) could be 64 Ki entries.
-const MAX_CHAIN_DESCS: usize = 1024;
 
 /// The backing a request is served from: a snapshot, so that a replacement
 /// in the middle of a request does not mix two files.
@@ -325,8 +325,10 @@ pub fn process(
 ) -> u32 {
     let mut descs = Vec::new();
     let mut complete = false;
+    // A checked chain is at most a queue long; one the guest lengthened
+    // since (an indirect table can hold 64 Ki entries) is cut there.
     for desc in chain {
-        if descs.len() == MAX_CHAIN_DESCS {
+        if descs.len() == usize::from(QUEUE_SIZE) {
             break;
         }
         let last = !desc.has_next();
@@ -336,8 +338,8 @@ pub fn process(
             break;
         }
     }
-    // Otherwise the chain loops, is too long, or leaves the descriptor table
-    // or guest memory: it has no last descriptor to hold the status.
+    // Otherwise the guest broke the chain after it was checked: it has no
+    // last descriptor to hold the status.
     if !complete {
         return 0;
     }

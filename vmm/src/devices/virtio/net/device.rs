@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use log::{debug, error, warn};
 use seccompiler::BpfProgram;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,8 +20,8 @@ use crate::devices::virtio::device::{
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::devices::virtio::worker::{
-    drain_queue, epoll_on, next_chain, notify_used, reenable_notification, Chain, DeviceState,
-    DeviceWorker, RingError,
+    add_used, drain_queue, epoll_on, next_chain, notify_used, reenable_notification, Chain,
+    DeviceState, DeviceWorker, RingError, ANY_CHAIN_LEN,
 };
 
 /// Where the device's tap comes from.
@@ -65,13 +65,15 @@ pub struct NetMetrics {
     pub rx_dropped: AtomicU64,
     pub tx_frames: AtomicU64,
     pub tx_bytes: AtomicU64,
-    /// Guest frames the tap rejected, or too short or too long to be frames.
+    /// Guest frames the tap rejected, or too short to be frames.
     pub tx_dropped: AtomicU64,
     /// Guest frames whose vnet header asks for an offload the device did
     /// not offer (checksum, segmentation); dropped before the tap.
     pub tx_bad_headers: AtomicU64,
-    /// Descriptor chains pointing outside guest memory or lacking the
-    /// buffers a frame needs; they are returned to the guest unused.
+    /// Well-formed descriptor chains lacking the buffers a frame needs
+    /// (read-only rx buffers, rx buffers shorter than a header); they are
+    /// returned to the guest unused. A malformed chain (a loop, a buffer
+    /// outside guest memory) puts the device in DEVICE_NEEDS_RESET instead.
     pub invalid_chains: AtomicU64,
 }
 
@@ -304,8 +306,10 @@ impl Worker {
                     }
                 },
             };
-            match next_chain(&mut self.rx, &mem)? {
-                Some(chain) => used |= self.deliver(&mem, chain, len),
+            // Rx buffers of any size are fine; a frame too big for them is
+            // dropped.
+            match next_chain(&mut self.rx, &mem, ANY_CHAIN_LEN)? {
+                Some(chain) => used |= self.deliver(&mem, chain, len)?,
                 None => {
                     // New buffers may have raced with re-enabling the kick.
                     if reenable_notification(&mut self.rx, &mem)? {
@@ -330,15 +334,21 @@ impl Worker {
 
     /// Writes the pending frame of `len` bytes into `chain`. Returns whether
     /// the chain went to the used ring.
-    fn deliver(&mut self, mem: &GuestMemory, chain: Chain<'_>, len: usize) -> bool {
+    fn deliver(
+        &mut self,
+        mem: &GuestMemory,
+        chain: Chain<'_>,
+        len: usize,
+    ) -> Result<bool, RingError> {
         let head = chain.head_index();
         let mut writer = match chain.writer(mem) {
             Ok(writer) if writer.available_bytes() >= VNET_HDR_LEN => writer,
             _ => {
-                // Useless for any frame: hand it back empty, keep the frame.
+                // Well formed but useless for any frame (read-only, or
+                // shorter than a header): hand it back empty, keep the frame.
                 inc(&self.metrics.invalid_chains, 1);
-                let _ = self.rx.add_used(mem, head, 0);
-                return true;
+                add_used(&mut self.rx, mem, head, 0)?;
+                return Ok(true);
             }
         };
         if writer.available_bytes() < len {
@@ -347,30 +357,30 @@ impl Worker {
             inc(&self.metrics.rx_dropped, 1);
             self.rx_pending = None;
             self.rx.go_to_previous_position();
-            return false;
+            return Ok(false);
         }
         // Without MRG_RXBUF every frame takes exactly one buffer; the tap
         // leaves `num_buffers` untouched.
         self.rx_frame[10..12].copy_from_slice(&1u16.to_le_bytes());
         self.rx_pending = None;
         if writer.write_all(&self.rx_frame[..len]).is_err() {
+            // The guest rewrote the chain after it was checked.
             inc(&self.metrics.invalid_chains, 1);
-            let _ = self.rx.add_used(mem, head, 0);
-            return true;
+            add_used(&mut self.rx, mem, head, 0)?;
+            return Ok(true);
         }
-        if let Err(err) = self.rx.add_used(mem, head, len as u32) {
-            warn!("net {}: bad rx chain: {err}", self.tap.name());
-        }
+        add_used(&mut self.rx, mem, head, len as u32)?;
         inc(&self.metrics.rx_frames, 1);
         inc(&self.metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
-        true
+        Ok(true)
     }
 
     /// Sends every frame the guest queued to the tap.
     fn process_tx(&mut self) -> Result<(), RingError> {
         let mem = self.mem.clone();
-        let what = format_args!("net {}", self.tap.name());
-        let drained = drain_queue(&mut self.tx, &mem, what, |chain| {
+        // Without offloads no frame is longer than MAX_FRAME_LEN: a longer
+        // chain is malformed, a shorter one is dropped on its own.
+        let drained = drain_queue(&mut self.tx, &mem, MAX_FRAME_LEN as u32, |chain| {
             send_frame(&self.tap, &self.metrics, &mut self.tx_frame, &mem, chain);
             // The device writes nothing into tx buffers.
             Some(0)
@@ -487,7 +497,8 @@ mod tests {
         create_tap, in_netns, test_frame, thread_ticks, PacketSocket,
     };
     use crate::devices::virtio::test_driver::{
-        guest_memory, interrupt, Desc, TestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+        guest_memory, interrupt, wait_needs_reset, Desc, TestQueue, VRING_DESC_F_NEXT,
+        VRING_DESC_F_WRITE,
     };
 
     const MAC: [u8; 6] = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
@@ -536,6 +547,24 @@ mod tests {
     }
 
     impl Harness {
+        /// Activates the device on fresh rings, as a driver does after a
+        /// reset.
+        fn reactivate(&mut self) {
+            let mem = guest_memory();
+            self.rxq = TestQueue::new(&mem, 0, 16);
+            self.txq = TestQueue::new(&mem, 1, 16);
+            let (irq, _) = interrupt();
+            self.net.set_acked_features(self.net.avail_features());
+            self.net
+                .activate(
+                    mem,
+                    irq.clone(),
+                    vec![self.rxq.activated(true), self.txq.activated(true)],
+                )
+                .unwrap();
+            self.irq = irq;
+        }
+
         fn send_from_guest(&mut self, descs: &[Desc]) {
             let head = self.txq.add_chain(descs);
             assert_eq!(self.txq.wait_used(WAIT), Some((head, 0)));
@@ -809,29 +838,67 @@ mod tests {
         });
     }
 
+    /// Publishes a chain that `build` writes on the tx (`tx`) or rx queue,
+    /// checks that it puts the device in DEVICE_NEEDS_RESET without being
+    /// returned, then resets the device and brings it back on fresh rings.
+    fn expect_fault(h: &mut Harness, what: &str, tx: bool, build: impl FnOnce(&mut TestQueue)) {
+        build(if tx { &mut h.txq } else { &mut h.rxq });
+        wait_needs_reset(&h.irq, WAIT, || !h.net.state.has_worker());
+        assert_eq!(h.txq.next_used(), None, "{what}: tx chain returned");
+        assert_eq!(h.rxq.next_used(), None, "{what}: rx chain returned");
+        let t = std::time::Instant::now();
+        h.net.reset();
+        assert!(t.elapsed() < Duration::from_secs(1), "{what}");
+        h.reactivate();
+    }
+
+    // The issue changed the spec: malformed tx chains used to be returned
+    // empty; they now need a device reset.
     #[test]
-    fn malformed_tx_chains_do_not_stop_the_device() {
+    fn malformed_tx_chains_need_a_reset_and_stop_the_device() {
         in_netns(|| {
             let mut h = start("mbad0", "badtx");
+            expect_fault(&mut h, "out of guest memory", true, |q| {
+                q.write_desc(0, 1 << 40, 100, 0, 0);
+                q.publish(0);
+            });
+            expect_fault(&mut h, "across the end of memory", true, |q| {
+                q.write_desc(0, (32 << 20) - 8, 100, 0, 0);
+                q.publish(0);
+            });
+            expect_fault(&mut h, "a loop", true, |q| {
+                let d = q.readable(&[0u8; 64]);
+                q.write_desc(1, d.addr, 64, VRING_DESC_F_NEXT, 2);
+                q.write_desc(2, d.addr, 64, VRING_DESC_F_NEXT, 1);
+                q.publish(1);
+            });
+            expect_fault(&mut h, "a next index past the table", true, |q| {
+                let d = q.readable(&[0u8; 64]);
+                q.write_desc(3, d.addr, 64, VRING_DESC_F_NEXT, 999);
+                q.publish(3);
+            });
+            expect_fault(&mut h, "larger than any frame", true, |q| {
+                let big = q.alloc(MAX_FRAME_LEN as u32 + 100);
+                q.write_desc(7, big, MAX_FRAME_LEN as u32 + 100, 0, 0);
+                q.publish(7);
+            });
+            expect_fault(&mut h, "a head past the queue", true, |q| q.publish(200));
+            // After each reset a good frame goes out.
+            let frame = test_frame([0xff; 6], 42, 80);
+            let hdr = h.txq.readable(&vnet_hdr());
+            let body = h.txq.readable(&frame);
+            h.send_from_guest(&[hdr, body]);
+            assert_eq!(h.sock.recv_test_frame(WAIT).unwrap(), frame);
+            assert!(!h.irq.needs_reset());
+        });
+    }
+
+    #[test]
+    fn well_formed_chains_without_a_frame_are_dropped() {
+        in_netns(|| {
+            let mut h = start("mdrop0", "droptx");
             let q = &mut h.txq;
-            // Out of guest memory.
-            q.write_desc(0, 1 << 40, 100, 0, 0);
-            q.publish(0);
-            assert_eq!(q.wait_used(WAIT), Some((0, 0)));
-            // Straddling the end of guest memory.
-            q.write_desc(0, (32 << 20) - 8, 100, 0, 0);
-            q.publish(0);
-            assert_eq!(q.wait_used(WAIT), Some((0, 0)));
-            // A loop: 1 -> 2 -> 1 ...
             let d = q.readable(&[0u8; 64]);
-            q.write_desc(1, d.addr, 64, VRING_DESC_F_NEXT, 2);
-            q.write_desc(2, d.addr, 64, VRING_DESC_F_NEXT, 1);
-            q.publish(1);
-            assert_eq!(q.wait_used(WAIT), Some((1, 0)));
-            // Next index out of the table.
-            q.write_desc(3, d.addr, 64, VRING_DESC_F_NEXT, 999);
-            q.publish(3);
-            assert_eq!(q.wait_used(WAIT), Some((3, 0)));
             // Zero-length descriptors only.
             q.write_desc(4, d.addr, 0, VRING_DESC_F_NEXT, 5);
             q.write_desc(5, d.addr, 0, 0, 0);
@@ -841,50 +908,66 @@ mod tests {
             q.write_desc(6, d.addr, 5, 0, 0);
             q.publish(6);
             assert_eq!(q.wait_used(WAIT), Some((6, 0)));
-            // Larger than any frame.
-            let big = q.alloc(MAX_FRAME_LEN as u32 + 100);
-            q.write_desc(7, big, MAX_FRAME_LEN as u32 + 100, 0, 0);
-            q.publish(7);
-            assert_eq!(q.wait_used(WAIT), Some((7, 0)));
             // Device-writable only: nothing to send.
             q.write_desc(8, d.addr, 64, VRING_DESC_F_WRITE, 0);
             q.publish(8);
             assert_eq!(q.wait_used(WAIT), Some((8, 0)));
-            // A head index beyond the queue cannot be returned, but must not
-            // wedge the queue.
-            q.publish(200);
-            let m = h.net.metrics();
-            assert!(m.invalid_chains.load(Ordering::Relaxed) >= 2);
-            assert!(m.tx_dropped.load(Ordering::Relaxed) >= 3);
+            assert!(h.net.metrics().tx_dropped.load(Ordering::Relaxed) >= 3);
             // A good frame still goes out.
-            let frame = test_frame([0xff; 6], 42, 80);
+            let frame = test_frame([0xff; 6], 43, 80);
             let hdr = h.txq.readable(&vnet_hdr());
             let body = h.txq.readable(&frame);
-            let head = h.txq.add_chain(&[hdr, body]);
-            let deadline = std::time::Instant::now() + WAIT;
-            loop {
-                match h.txq.wait_used(WAIT) {
-                    Some((id, _)) if id == head => break,
-                    Some(_) => {}
-                    None => panic!("good frame not consumed"),
-                }
-                assert!(std::time::Instant::now() < deadline);
-            }
+            h.send_from_guest(&[hdr, body]);
             assert_eq!(h.sock.recv_test_frame(WAIT).unwrap(), frame);
+            assert!(!h.irq.needs_reset());
+        });
+    }
+
+    // The issue changed the spec: malformed rx chains used to be returned
+    // empty (or, when looping, filled); they now need a device reset.
+    #[test]
+    fn malformed_rx_chains_need_a_reset_and_stop_the_device() {
+        in_netns(|| {
+            let mut h = start("mbadrx0", "badrx");
+            type Build = fn(&mut TestQueue);
+            let cases: [(&str, Build); 3] = [
+                ("writable buffer outside memory", |q| {
+                    q.write_desc(0, 1 << 40, 2048, VRING_DESC_F_WRITE, 0);
+                    q.publish(0);
+                }),
+                ("a looping writable chain", |q| {
+                    let d = q.writable(64);
+                    q.write_desc(3, d.addr, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 3);
+                    q.publish(3);
+                }),
+                ("a next index past the table", |q| {
+                    let d = q.writable(64);
+                    q.write_desc(4, d.addr, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 300);
+                    q.publish(4);
+                }),
+            ];
+            for (what, build) in cases {
+                // A frame waits for the buffer.
+                h.sock.send(&test_frame(MAC, 8, 64));
+                expect_fault(&mut h, what, false, build);
+            }
+            // Frames reach the guest again.
+            let buf = h.rxq.writable(2048);
+            h.rxq.add_chain(&[buf]);
+            let frame = test_frame(MAC, 9, 64);
+            h.sock.send(&frame);
+            let data = h.recv_in_guest(buf);
+            assert_eq!(&data[VNET_HDR_LEN..], &frame[..]);
         });
     }
 
     #[test]
-    fn malformed_rx_chains_are_returned_empty() {
+    fn rx_buffers_without_room_for_a_frame_come_back_empty() {
         in_netns(|| {
-            let mut h = start("mbadrx0", "badrx");
+            let mut h = start("mshortrx0", "shortrx");
             let frame = test_frame(MAC, 8, 64);
             h.sock.send(&frame);
             let q = &mut h.rxq;
-            // Writable buffer outside guest memory.
-            q.write_desc(0, 1 << 40, 2048, VRING_DESC_F_WRITE, 0);
-            q.publish(0);
-            assert_eq!(q.wait_used(WAIT), Some((0, 0)));
             // Read-only buffer: nowhere to write.
             let d = q.readable(&[0u8; 2048]);
             q.write_desc(1, d.addr, 2048, 0, 0);
@@ -894,21 +977,13 @@ mod tests {
             q.write_desc(2, d.addr, 4, VRING_DESC_F_WRITE, 0);
             q.publish(2);
             assert_eq!(q.wait_used(WAIT), Some((2, 0)));
-            // Looping writable chain: bounded by the queue size (16 x 64
-            // bytes), enough for the frame.
-            q.write_desc(3, d.addr, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 3);
-            q.publish(3);
-            let (id, len) = q.wait_used(WAIT).unwrap();
-            assert_eq!(id, 3);
-            assert!(len as usize >= VNET_HDR_LEN);
-            assert!(h.net.metrics().invalid_chains.load(Ordering::Relaxed) >= 3);
+            assert!(h.net.metrics().invalid_chains.load(Ordering::Relaxed) >= 2);
             // The frame that waited through all this arrives intact.
             let buf = h.rxq.writable(2048);
             h.rxq.add_chain(&[buf]);
-            if len as usize != VNET_HDR_LEN + frame.len() {
-                let data = h.recv_in_guest(buf);
-                assert_eq!(&data[VNET_HDR_LEN..], &frame[..]);
-            }
+            let data = h.recv_in_guest(buf);
+            assert_eq!(&data[VNET_HDR_LEN..], &frame[..]);
+            assert!(!h.irq.needs_reset());
         });
     }
 

@@ -15,7 +15,7 @@ use crate::devices::virtio::device::{
     VIRTIO_F_VERSION_1,
 };
 use crate::devices::virtio::worker::{
-    drain_queue, epoll_on, notify_used, Chain, DeviceState, DeviceWorker, RingError,
+    drain_queue, epoll_on, notify_used, Chain, DeviceState, DeviceWorker, RingError, ANY_CHAIN_LEN,
 };
 
 /// virtio-rng: fills every device-writable buffer the guest queues with
@@ -121,7 +121,9 @@ impl DeviceWorker for Worker {
 
     fn process(&mut self) -> Result<(), RingError> {
         let mem = self.mem.clone();
-        let drained = drain_queue(&mut self.queue, &mem, "rng", |chain| {
+        // Buffers of any size are fine: only MAX_BYTES_PER_REQUEST of them
+        // are filled.
+        let drained = drain_queue(&mut self.queue, &mem, ANY_CHAIN_LEN, |chain| {
             Some(fill_chain(&mut self.buf, &mem, chain))
         })?;
         if drained.used {
@@ -133,7 +135,7 @@ impl DeviceWorker for Worker {
 
 /// Fills the chain's writable buffers through `buf` (of
 /// [`MAX_BYTES_PER_REQUEST`] bytes). Returns how many random bytes went in;
-/// 0 for a chain outside guest memory.
+/// 0 if the guest rewrote the checked chain into one outside guest memory.
 fn fill_chain(buf: &mut [u8], mem: &GuestMemory, chain: Chain<'_>) -> u32 {
     let Ok(mut writer) = chain.writer(mem) else {
         return 0;
@@ -157,18 +159,26 @@ mod tests {
 
     use super::*;
     use crate::devices::virtio::test_driver::{
-        guest_memory, interrupt, readable_within, Desc, TestQueue, MEM_SIZE,
+        guest_memory, interrupt, readable_within, wait_needs_reset, Desc, TestQueue, MEM_SIZE,
+        VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
     };
 
     const WAIT: Duration = Duration::from_secs(5);
 
-    fn start() -> (Rng, TestQueue, EventFd) {
+    /// Activates `rng` on fresh rings, as a driver does after a reset.
+    fn activate(rng: &mut Rng) -> (TestQueue, Arc<Interrupt>, EventFd) {
         let mem = guest_memory();
         let queue = TestQueue::new(&mem, 0, QUEUE_SIZE);
         let (irq, irqfd) = interrupt();
-        let mut rng = Rng::new();
         rng.set_acked_features(rng.avail_features());
-        rng.activate(mem, irq, vec![queue.activated(true)]).unwrap();
+        rng.activate(mem, irq.clone(), vec![queue.activated(true)])
+            .unwrap();
+        (queue, irq, irqfd)
+    }
+
+    fn start() -> (Rng, TestQueue, EventFd) {
+        let mut rng = Rng::new();
+        let (queue, _, irqfd) = activate(&mut rng);
         (rng, queue, irqfd)
     }
 
@@ -207,19 +217,41 @@ mod tests {
         assert!(tail.iter().all(|&x| x == 0), "nothing past the cap");
     }
 
+    // The issue changed the spec: a malformed chain used to be returned
+    // empty; it now needs a device reset.
     #[test]
-    fn bad_chains_are_returned_empty() {
-        let (mut rng, mut q, _irqfd) = start();
-        let outside = Desc {
-            addr: MEM_SIZE as u64 - 8,
-            len: 64,
-            write: true,
-        };
-        let head = q.add_chain(&[outside]);
-        assert_eq!(q.wait_used(WAIT), Some((head, 0)));
-        let w = q.writable(8);
-        let head = q.add_chain(&[w]);
-        assert_eq!(q.wait_used(WAIT), Some((head, 8)));
+    fn malformed_chains_need_a_reset_and_stop_the_device() {
+        let mut rng = Rng::new();
+        let (mut q, mut irq, _irqfd) = activate(&mut rng);
+        type Build = fn(&mut TestQueue);
+        let cases: [(&str, Build); 3] = [
+            ("outside memory", |q| {
+                let outside = Desc {
+                    addr: MEM_SIZE as u64 - 8,
+                    len: 64,
+                    write: true,
+                };
+                q.add_chain(&[outside]);
+            }),
+            ("a loop", |q| {
+                let w = q.writable(8);
+                q.write_desc(5, w.addr, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 6);
+                q.write_desc(6, w.addr, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 5);
+                q.publish(5);
+            }),
+            ("a head past the queue", |q| q.publish(QUEUE_SIZE + 1)),
+        ];
+        for (what, build) in cases {
+            build(&mut q);
+            wait_needs_reset(&irq, WAIT, || !rng.state.has_worker());
+            assert_eq!(q.next_used(), None, "{what}: chain returned");
+            rng.reset();
+            (q, irq, _) = activate(&mut rng);
+            let w = q.writable(8);
+            let head = q.add_chain(&[w]);
+            assert_eq!(q.wait_used(WAIT), Some((head, 8)), "{what}");
+            assert!(!irq.needs_reset());
+        }
 
         rng.reset();
         let w = q.writable(8);

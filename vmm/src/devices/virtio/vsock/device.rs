@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use log::error;
 use seccompiler::BpfProgram;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT};
 use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -22,12 +22,15 @@ use crate::devices::virtio::device::{
     VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1,
 };
 use crate::devices::virtio::worker::{
-    drain_queue, epoll_on, next_chain, notify_used, reenable_notification, Chain, DeviceState,
-    DeviceWorker, RingError,
+    add_used, drain_queue, epoll_on, next_chain, notify_used, reenable_notification, Chain,
+    DeviceState, DeviceWorker, RingError, ANY_CHAIN_LEN,
 };
 
 /// `sun_path` holds 108 bytes, the terminating NUL included.
 const SUN_PATH_MAX: usize = 107;
+
+/// The longest tx chain: a header and the largest payload.
+const MAX_TX_CHAIN_LEN: u32 = (HDR_LEN + MAX_PAYLOAD) as u32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
@@ -233,7 +236,10 @@ impl Worker {
         // Chains borrow the memory while `self` changes; the clone is a few
         // reference counts.
         let mem = self.mem.clone();
-        let drained = drain_queue(&mut self.tx, &mem, "vsock", |chain| {
+        // A packet is a header and at most MAX_PAYLOAD bytes: a longer
+        // chain is malformed; a header whose length disagrees with its chain
+        // is answered with an RST.
+        let drained = drain_queue(&mut self.tx, &mem, MAX_TX_CHAIN_LEN, |chain| {
             if self.muxer.rx_backlog_full() {
                 return None;
             }
@@ -250,7 +256,7 @@ impl Worker {
         let mem = self.mem.clone();
         let mut used = false;
         while self.muxer.has_rx() {
-            let Some(chain) = next_chain(&mut self.rx, &mem)? else {
+            let Some(chain) = next_chain(&mut self.rx, &mem, ANY_CHAIN_LEN)? else {
                 // New buffers may have raced with re-enabling the kick.
                 if reenable_notification(&mut self.rx, &mem)? {
                     continue;
@@ -262,7 +268,7 @@ impl Worker {
                 Ok(mut writer) if writer.available_bytes() >= HDR_LEN => {
                     match self.muxer.fill_rx(&mut writer) {
                         Some(len) => {
-                            let _ = self.rx.add_used(&mem, head, len as u32);
+                            add_used(&mut self.rx, &mem, head, len as u32)?;
                             used = true;
                         }
                         None => {
@@ -272,8 +278,9 @@ impl Worker {
                     }
                 }
                 _ => {
-                    // Useless for any packet: hand it back empty.
-                    let _ = self.rx.add_used(&mem, head, 0);
+                    // Well formed but useless for any packet (read-only, or
+                    // shorter than a header): hand it back empty.
+                    add_used(&mut self.rx, &mem, head, 0)?;
                     used = true;
                 }
             }
@@ -347,7 +354,8 @@ mod tests {
 
     use super::*;
     use crate::devices::virtio::test_driver::{
-        guest_memory, interrupt, Desc, TestQueue, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+        guest_memory, interrupt, wait_needs_reset, Desc, TestQueue, VRING_DESC_F_NEXT,
+        VRING_DESC_F_WRITE,
     };
     use crate::devices::virtio::vsock::connection::CONN_BUF_SIZE;
     use crate::devices::virtio::vsock::packet::*;
@@ -389,31 +397,58 @@ mod tests {
             // host_connect_refused_or_unanswered waits for it to expire.
             dev.set_connect_timeout(Duration::from_secs(2));
             let mem = guest_memory();
-            let rxq = TestQueue::new(&mem, 0, 64);
-            let txq = TestQueue::new(&mem, 1, 64);
-            let evq = TestQueue::new(&mem, 2, 64);
-            dev.set_acked_features(dev.avail_features());
+            let mut guest = Guest {
+                dev: Some(dev),
+                rxq: TestQueue::new(&mem, 0, 64),
+                txq: TestQueue::new(&mem, 1, 64),
+                _evq: TestQueue::new(&mem, 2, 64),
+                rx_bufs: HashMap::new(),
+                dir,
+                uds,
+                irq: interrupt().0,
+            };
+            guest.activate();
+            guest
+        }
+
+        /// Activates the device on fresh rings with no rx buffers, as a
+        /// driver does after a reset.
+        fn activate(&mut self) {
+            let mem = guest_memory();
+            self.rxq = TestQueue::new(&mem, 0, 64);
+            self.txq = TestQueue::new(&mem, 1, 64);
+            self._evq = TestQueue::new(&mem, 2, 64);
+            self.rx_bufs.clear();
             let (irq, _) = interrupt();
+            let dev = self.dev.as_mut().unwrap();
+            dev.set_acked_features(dev.avail_features());
             dev.activate(
                 mem,
                 irq.clone(),
                 vec![
-                    rxq.activated(true),
-                    txq.activated(true),
-                    evq.activated(true),
+                    self.rxq.activated(true),
+                    self.txq.activated(true),
+                    self._evq.activated(true),
                 ],
             )
             .unwrap();
-            Guest {
-                dev: Some(dev),
-                rxq,
-                txq,
-                _evq: evq,
-                rx_bufs: HashMap::new(),
-                dir,
-                uds,
-                irq,
-            }
+            self.irq = irq;
+        }
+
+        /// Publishes a chain that `build` writes on the tx (`tx`) or rx
+        /// queue, checks that it puts the device in DEVICE_NEEDS_RESET
+        /// without being returned, then resets the device and activates it
+        /// again.
+        fn expect_fault(&mut self, what: &str, tx: bool, build: impl FnOnce(&mut TestQueue)) {
+            build(if tx { &mut self.txq } else { &mut self.rxq });
+            let dev = self.dev.as_mut().unwrap();
+            wait_needs_reset(&self.irq, WAIT, || !dev.state.has_worker());
+            assert_eq!(self.txq.next_used(), None, "{what}: tx chain returned");
+            assert_eq!(self.rxq.next_used(), None, "{what}: rx chain returned");
+            let t = std::time::Instant::now();
+            dev.reset();
+            assert!(t.elapsed() < Duration::from_secs(1), "{what}");
+            self.activate();
         }
 
         fn post_rx(&mut self, n: usize) {
@@ -865,49 +900,71 @@ mod tests {
             assert_eq!((rst.op, rst.dst_port), (OP_RST, 11));
         }
         let q = &mut g.txq;
-        // Shorter than a header.
+        // Shorter than a header, zero length, writable-only: well formed,
+        // nobody to answer.
         let d = q.readable(&[0u8; 20]);
         q.write_desc(0, d.addr, 20, 0, 0);
         q.publish(0);
         assert_eq!(q.wait_used(WAIT), Some((0, 0)));
-        // Out of guest memory, zero length, looping, writable-only, bad next.
-        q.write_desc(1, 1 << 40, 64, 0, 0);
-        q.publish(1);
-        assert_eq!(q.wait_used(WAIT), Some((1, 0)));
         q.write_desc(2, d.addr, 0, 0, 0);
         q.publish(2);
         assert_eq!(q.wait_used(WAIT), Some((2, 0)));
-        q.write_desc(3, d.addr, 8, VRING_DESC_F_NEXT, 3);
-        q.publish(3);
-        assert_eq!(q.wait_used(WAIT), Some((3, 0)));
         q.write_desc(4, d.addr, 64, VRING_DESC_F_WRITE, 0);
         q.publish(4);
         assert_eq!(q.wait_used(WAIT), Some((4, 0)));
-        q.write_desc(5, d.addr, 8, VRING_DESC_F_NEXT, 500);
-        q.publish(5);
-        assert_eq!(q.wait_used(WAIT), Some((5, 0)));
-        // A head beyond the queue cannot even be returned.
-        q.publish(300);
-        // The loop above produced a header of zeroes and garbage: the guest
-        // may get an RST for it, nothing else.
-        while let Some((hdr, _)) = g.recv_within(quiet) {
-            assert_eq!(hdr.op, OP_RST);
-        }
+        assert!(g.recv_within(quiet).is_none());
         // Everything still works.
         let (mut host, hport) = g.host_connect(90);
         g.send(pkt(OP_RW, 90, hport), b"alive");
         assert_eq!(read_exactly(&mut host, 5), b"alive");
+        assert!(!g.irq.needs_reset());
+    }
+
+    // The issue changed the spec: malformed tx chains used to be returned
+    // empty; they now need a device reset.
+    #[test]
+    fn malformed_tx_chains_need_a_reset_and_stop_the_device() {
+        let mut g = Guest::start_bare("mt");
+        type Build = fn(&mut TestQueue);
+        let cases: [(&str, Build); 5] = [
+            ("out of guest memory", |q| {
+                q.write_desc(1, 1 << 40, 64, 0, 0);
+                q.publish(1);
+            }),
+            ("a loop", |q| {
+                let d = q.readable(&[0u8; 64]);
+                q.write_desc(3, d.addr, 8, VRING_DESC_F_NEXT, 3);
+                q.publish(3);
+            }),
+            ("a next index past the table", |q| {
+                let d = q.readable(&[0u8; 64]);
+                q.write_desc(5, d.addr, 8, VRING_DESC_F_NEXT, 500);
+                q.publish(5);
+            }),
+            ("longer than any packet", |q| {
+                let len = MAX_TX_CHAIN_LEN + 1;
+                let big = q.alloc(len);
+                q.write_desc(6, big, len, 0, 0);
+                q.publish(6);
+            }),
+            ("a head past the queue", |q| q.publish(300)),
+        ];
+        for (what, build) in cases {
+            g.expect_fault(what, true, build);
+        }
+        // The device serves the guest again.
+        g.post_rx(4);
+        let (mut host, hport) = g.host_connect(91);
+        g.send(pkt(OP_RW, 91, hport), b"alive");
+        assert_eq!(read_exactly(&mut host, 5), b"alive");
     }
 
     #[test]
-    fn bad_rx_buffers_come_back_empty() {
+    fn rx_buffers_without_room_for_a_header_come_back_empty() {
         let mut g = Guest::start_bare("rb");
         // The RST is queued before any buffer exists.
         g.send(pkt(OP_RW, 12, 22), b"x");
         let q = &mut g.rxq;
-        q.write_desc(0, 1 << 40, 4096, VRING_DESC_F_WRITE, 0);
-        q.publish(0);
-        assert_eq!(q.wait_used(WAIT), Some((0, 0)));
         let d = q.writable(64);
         q.write_desc(1, d.addr, HDR_LEN as u32 - 1, VRING_DESC_F_WRITE, 0);
         q.publish(1);
@@ -915,13 +972,42 @@ mod tests {
         q.write_desc(2, d.addr, 64, 0, 0);
         q.publish(2);
         assert_eq!(q.wait_used(WAIT), Some((2, 0)));
-        // A header split over a looping chain of 8-byte buffers still fits.
-        q.write_desc(3, d.addr, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 3);
-        q.publish(3);
-        assert_eq!(q.wait_used(WAIT), Some((3, HDR_LEN as u32)));
+        // The RST still waits for a usable buffer.
         g.post_rx(1);
-        assert!(g.recv_within(Duration::from_millis(50)).is_none());
-        // The device still serves the guest.
+        let (rst, _) = g.recv();
+        assert_eq!((rst.op, rst.dst_port), (OP_RST, 12));
+        assert!(!g.irq.needs_reset());
+    }
+
+    // The issue changed the spec: malformed rx chains used to be returned
+    // empty (or, when looping, filled); they now need a device reset.
+    #[test]
+    fn malformed_rx_chains_need_a_reset_and_stop_the_device() {
+        let mut g = Guest::start_bare("mr");
+        type Build = fn(&mut TestQueue);
+        let cases: [(&str, Build); 3] = [
+            ("out of guest memory", |q| {
+                q.write_desc(0, 1 << 40, 4096, VRING_DESC_F_WRITE, 0);
+                q.publish(0);
+            }),
+            ("a loop of 8-byte buffers", |q| {
+                let d = q.writable(64);
+                q.write_desc(3, d.addr, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 3);
+                q.publish(3);
+            }),
+            ("a next index past the table", |q| {
+                let d = q.writable(64);
+                q.write_desc(4, d.addr, 64, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 64);
+                q.publish(4);
+            }),
+        ];
+        for (what, build) in cases {
+            // An RST waits for an rx buffer.
+            g.send(pkt(OP_RW, 12, 22), b"x");
+            g.expect_fault(what, false, build);
+        }
+        // The device serves the guest again.
+        g.post_rx(1);
         g.send(pkt(OP_RW, 13, 23), b"x");
         let (rst, _) = g.recv();
         assert_eq!((rst.op, rst.dst_port), (OP_RST, 13));
