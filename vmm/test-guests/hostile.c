@@ -1,9 +1,9 @@
 /* Hostile checks: a guest that attacks the VMM's devices in rounds, until
  * the host stops it. Each round, for every virtio device: corrupt avail
- * rings (the device must answer with DEVICE_NEEDS_RESET and a config-change
- * interrupt, and come back after a reset), then a storm of resets and
- * activations; then an i8042 flood (commands whose answers are never read)
- * and a console flood. */
+ * rings, then descriptor chains that loop (each time the device must answer
+ * with DEVICE_NEEDS_RESET and a config-change interrupt, and come back after
+ * a reset), then a storm of resets and activations; then an i8042 flood
+ * (commands whose answers are never read) and a console flood. */
 #include "guest.h"
 
 #define S_DEVICE_NEEDS_RESET 0x40
@@ -44,15 +44,39 @@ static void corrupt_rings(struct vdev *d, int nqueues)
     }
 }
 
-static void bad_rings(usize base)
+static u8 scratch[64];
+
+/* Publishes on every queue a chain of one descriptor that is its own next.
+ * The device serves at least its tx (or request) queue on the kick. */
+static void loop_chains(struct vdev *d, int nqueues)
+{
+    for (int i = 0; i < nqueues; i++) {
+        struct vq *q = &d->q[i];
+        q->desc[0].addr = (u64)(usize)scratch;
+        q->desc[0].len = sizeof(scratch);
+        q->desc[0].flags = VRING_DESC_F_NEXT;
+        q->desc[0].next = 0;
+        q->avail[2 + q->avail_idx % q->num] = 0;
+        barrier(); /* the descriptor and ring entry before the index */
+        q->avail_idx++;
+        q->avail[1] = q->avail_idx;
+        barrier();
+        vq_kick(q);
+    }
+}
+
+/* Starts the device at `base`, attacks it, and checks that it asks for a
+ * reset and takes one; `unanswered` says what went unanswered. */
+static void needs_reset_after(usize base, void (*attack)(struct vdev *, int),
+                              const char *unanswered)
 {
     struct vdev d;
     start_device(&d, base);
-    corrupt_rings(&d, queue_count(d.device_id));
+    attack(&d, queue_count(d.device_id));
     u64 end = deadline(10);
     while (!(vdev_status(&d) & S_DEVICE_NEEDS_RESET))
         if (expired(end))
-            fail("no DEVICE_NEEDS_RESET after a corrupt avail ring");
+            fail(unanswered);
     if (!(vdev_take_interrupts(&d) & INT_CONFIG_CHANGE))
         fail("no config-change interrupt with DEVICE_NEEDS_RESET");
     vdev_reset(&d);
@@ -86,7 +110,10 @@ void check_hostile(void)
 {
     for (u64 round = 1;; round++) {
         for (int i = 0; i < virtio_count; i++) {
-            bad_rings(virtio_bases[i]);
+            needs_reset_after(virtio_bases[i], corrupt_rings,
+                              "no DEVICE_NEEDS_RESET after a corrupt avail ring");
+            needs_reset_after(virtio_bases[i], loop_chains,
+                              "no DEVICE_NEEDS_RESET after a looping chain");
             reset_storm(virtio_bases[i]);
         }
         i8042_flood();

@@ -1,5 +1,5 @@
 //! A hostile guest (test-guests/hostile.c) attacks every device in rounds:
-//! corrupt avail rings, reset storms, i8042 and console floods. moat-vmm
+//! corrupt avail rings, descriptor chains that loop, reset storms, i8042 and console floods. moat-vmm
 //! must keep answering its API, keep its memory and log bounded, and stop
 //! cleanly when told to.
 
@@ -70,6 +70,8 @@ fn hostile_guest_leaves_the_vmm_responsive_and_bounded() {
     // at most BURST times per window.
     let ring_errors = exit.stderr.matches("Corrupt avail ring").count();
     assert!(ring_errors >= 1, "{}", exit.stderr);
+    let chain_errors = exit.stderr.matches("loops or does not end").count();
+    assert!(chain_errors >= 1, "{}", exit.stderr);
     assert!(
         exit.stderr.len() < 16 * 1024,
         "log of {} bytes:\n{}",

@@ -7,8 +7,8 @@
 //! notify never exits to user space) and an [`Interrupt`]. The device then
 //! runs its own worker thread (`worker.rs`, as Cloud Hypervisor does), which
 //! it stops and joins on reset and on drop, so no thread outlives the VM.
-//! A worker that finds its rings corrupt asks for a reset through
-//! [`Interrupt::signal_needs_reset`].
+//! A worker that finds its rings corrupt or a descriptor chain malformed
+//! asks for a reset through [`Interrupt::signal_needs_reset`].
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -38,8 +38,9 @@ pub struct Interrupt {
     /// ConfigGeneration: bumped before every config-change interrupt, so a
     /// driver that reads a multi-word field across a change sees it and retries.
     config_generation: AtomicU32,
-    /// Set by a worker that stopped on a corrupt ring; the transport shows
-    /// it as DEVICE_NEEDS_RESET until the driver resets the device.
+    /// Set by a worker that stopped on a corrupt ring or a malformed chain;
+    /// the transport shows it as DEVICE_NEEDS_RESET until the driver resets
+    /// the device.
     needs_reset: AtomicBool,
 }
 

@@ -241,7 +241,7 @@ impl MmioTransport {
     }
 
     /// The device status register: DEVICE_NEEDS_RESET also when a worker
-    /// stopped on a corrupt ring.
+    /// stopped on a corrupt ring or a malformed chain.
     pub fn device_status(&self) -> u32 {
         if self.interrupt.needs_reset() {
             self.status | STATUS_DEVICE_NEEDS_RESET

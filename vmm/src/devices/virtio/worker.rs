@@ -117,8 +117,8 @@ pub struct WorkerThread {
 
 impl WorkerThread {
     /// Starts thread `name` serving `worker`, under seccomp `filter` if
-    /// any. A corrupt ring marks the device DEVICE_NEEDS_RESET through
-    /// `interrupt` and ends the thread.
+    /// any. A corrupt ring or malformed chain marks the device
+    /// DEVICE_NEEDS_RESET through `interrupt` and ends the thread.
     pub fn spawn<W: DeviceWorker>(
         name: String,
         interrupt: Arc<Interrupt>,
@@ -158,7 +158,7 @@ impl WorkerThread {
         })
     }
 
-    /// Whether the thread has ended (killed, or stopped on a ring error).
+    /// Whether the thread has ended (killed, or stopped on a [`RingError`]).
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
@@ -190,7 +190,7 @@ impl Drop for WorkerThread {
 }
 
 /// The loop of every worker thread: returns when killed (or epoll fails),
-/// or with the error of a corrupt ring.
+/// or with the error of a corrupt ring or malformed chain.
 fn run<W: DeviceWorker>(worker: &mut W) -> Result<(), RingError> {
     let mut events = [EpollEvent::default(); 32];
     loop {
