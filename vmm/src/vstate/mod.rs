@@ -1,5 +1,6 @@
 //! KVM state: the VM (memory, interrupt controller) and its vCPUs.
 
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
