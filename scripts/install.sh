@@ -38,10 +38,15 @@ initramfs = "$LIB/initramfs.cpio"
 vmm = "$PREFIX/bin/moat-vmm"
 vcpus = 1
 memory_mib = 256
+# The largest VM annotations (io.moat.*, CRI pod resources) may ask for.
+max_vcpus = 16
+max_memory_mib = 16384
 # Guest boots take 20-130 s on PVM hosts (no nested virtualization), and
 # each agent call that mounts a rootfs up to a few minutes there.
 boot_timeout_secs = 300
 agent_timeout_secs = 300
+# kill, delete, pids, stats, pause, update: a hung agent fails them after it.
+control_timeout_secs = 30
 state_dir = "/run/moat"
 layer_cache_dir = "$LIB/layers"
 # "ext4" (sparse image per container) or "tmpfs" (in guest memory)

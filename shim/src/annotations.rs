@@ -9,8 +9,6 @@ use std::collections::HashMap;
 
 use thiserror::Error;
 
-use moat_vmm_api::limits::{MAX_MEMORY_MIB, MAX_VCPUS};
-
 use crate::config::{Config, MIN_MEMORY_MIB};
 
 pub const VCPUS: &str = "io.moat.vcpus";
@@ -71,50 +69,90 @@ fn parse_limit(a: &HashMap<String, String>, key: &str) -> Result<Option<u64>, An
     }
 }
 
-/// Computes the VM size for a sandbox whose first container carries `a`.
-pub fn vm_size(cfg: &Config, a: &HashMap<String, String>) -> Result<VmSize, AnnotationError> {
-    let mut size = VmSize {
-        vcpus: cfg.vcpus,
-        memory_mib: cfg.memory_mib,
-    };
+/// A value above its configured cap (`max_vcpus`, `max_memory_mib`),
+/// refused with the cap named.
+fn over_cap(
+    key: &str,
+    value: &str,
+    min: u32,
+    cap_name: &str,
+    cap: u32,
+    unit: &str,
+) -> AnnotationError {
+    bad(
+        key,
+        value,
+        format!("expected {min} to {cap}{unit} ({cap_name} in the moat config)"),
+    )
+}
 
-    if let Some(bytes) = parse_limit(a, SANDBOX_MEMORY)? {
-        let extra = bytes.div_ceil(MIB);
-        size.memory_mib = u32::try_from(u64::from(size.memory_mib) + extra)
-            .ok()
-            .filter(|m| u64::from(*m) <= MAX_MEMORY_MIB)
-            .ok_or_else(|| {
-                bad(
-                    SANDBOX_MEMORY,
-                    &a[SANDBOX_MEMORY],
-                    "memory limit is too large",
-                )
-            })?;
-    }
+/// The VM's memory once CRI's pod memory limit is added to the base.
+fn cri_memory(
+    cfg: &Config,
+    a: &HashMap<String, String>,
+    base: u32,
+) -> Result<u32, AnnotationError> {
+    let Some(bytes) = parse_limit(a, SANDBOX_MEMORY)? else {
+        return Ok(base);
+    };
+    let cap = cfg.max_memory_mib;
+    u32::try_from(u64::from(base) + bytes.div_ceil(MIB))
+        .ok()
+        .filter(|m| *m <= cap)
+        .ok_or_else(|| {
+            let v = &a[SANDBOX_MEMORY];
+            over_cap(SANDBOX_MEMORY, v, 0, "max_memory_mib", cap, " MiB")
+        })
+}
+
+/// The VM's vCPUs once CRI's pod CPU quota is added to the base: a
+/// quota above `max_vcpus` gets that many (fewer CPUs bypass nothing).
+fn cri_vcpus(cfg: &Config, a: &HashMap<String, String>, base: u32) -> Result<u32, AnnotationError> {
     let quota = parse_limit(a, SANDBOX_CPU_QUOTA)?;
     let period = parse_limit(a, SANDBOX_CPU_PERIOD)?;
-    if let Some(quota) = quota {
-        let period = period.unwrap_or(100_000);
-        let extra = u32::try_from(quota.div_ceil(period)).unwrap_or(u32::MAX);
-        size.vcpus = size.vcpus.saturating_add(extra).min(u32::from(MAX_VCPUS));
-    }
+    let Some(quota) = quota else { return Ok(base) };
+    let extra = u32::try_from(quota.div_ceil(period.unwrap_or(100_000))).unwrap_or(u32::MAX);
+    Ok(base.saturating_add(extra).min(cfg.max_vcpus))
+}
 
+/// Computes the VM size for a sandbox whose first container carries `a`.
+/// Nothing may exceed the config's `max_vcpus` and `max_memory_mib`.
+pub fn vm_size(cfg: &Config, a: &HashMap<String, String>) -> Result<VmSize, AnnotationError> {
+    let mut size = VmSize {
+        vcpus: cri_vcpus(cfg, a, cfg.vcpus)?,
+        memory_mib: cri_memory(cfg, a, cfg.memory_mib)?,
+    };
     if let Some(v) = parse_u64(a, VCPUS)? {
-        if v == 0 || v > u64::from(MAX_VCPUS) {
-            return Err(bad(
+        if v == 0 {
+            return Err(bad(VCPUS, &a[VCPUS], "expected at least 1"));
+        }
+        if v > u64::from(cfg.max_vcpus) {
+            return Err(over_cap(
                 VCPUS,
                 &a[VCPUS],
-                format!("expected 1 to {MAX_VCPUS} (moat-vmm's limit)"),
+                1,
+                "max_vcpus",
+                cfg.max_vcpus,
+                "",
             ));
         }
         size.vcpus = v as u32;
     }
     if let Some(v) = parse_u64(a, MEMORY_MIB)? {
-        if v < u64::from(MIN_MEMORY_MIB) || v > MAX_MEMORY_MIB {
-            return Err(bad(
+        if v < u64::from(MIN_MEMORY_MIB) {
+            let reason = format!("expected at least {MIN_MEMORY_MIB} MiB");
+            return Err(bad(MEMORY_MIB, &a[MEMORY_MIB], reason));
+        }
+        if v > u64::from(cfg.max_memory_mib) {
+            let cap = cfg.max_memory_mib;
+            let min = MIN_MEMORY_MIB;
+            return Err(over_cap(
                 MEMORY_MIB,
                 &a[MEMORY_MIB],
-                format!("expected {MIN_MEMORY_MIB} to {MAX_MEMORY_MIB} MiB"),
+                min,
+                "max_memory_mib",
+                cap,
+                " MiB",
             ));
         }
         size.memory_mib = v as u32;
@@ -147,6 +185,7 @@ pub fn grouping(a: &HashMap<String, String>, container_id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use moat_vmm_api::limits::MAX_VCPUS;
 
     fn ann(kv: &[(&str, &str)]) -> HashMap<String, String> {
         kv.iter()
@@ -228,6 +267,34 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(s.vcpus, u32::from(MAX_VCPUS));
+    }
+
+    #[test]
+    fn requests_above_the_configured_caps_are_refused_naming_the_cap() {
+        let cfg = Config {
+            max_vcpus: 4,
+            max_memory_mib: 2048,
+            ..Config::default()
+        };
+        let refused = |kv: &[(&str, &str)], cap: &str| {
+            let e = vm_size(&cfg, &ann(kv)).unwrap_err().to_string();
+            assert!(e.contains(cap), "{e}");
+        };
+        refused(&[(VCPUS, "5")], "1 to 4 (max_vcpus in the moat config)");
+        refused(
+            &[(MEMORY_MIB, "1048576")],
+            "64 to 2048 MiB (max_memory_mib in the moat config)",
+        );
+        // CRI's pod memory is capped too (256 MiB base + 2 GiB).
+        refused(
+            &[(SANDBOX_MEMORY, "2147483648")],
+            "2048 MiB (max_memory_mib",
+        );
+        // A CRI CPU quota above the cap gets the cap.
+        let s = vm_size(&cfg, &ann(&[(SANDBOX_CPU_QUOTA, "400000")])).unwrap();
+        assert_eq!(s.vcpus, 4);
+        let s = vm_size(&cfg, &ann(&[(VCPUS, "4"), (MEMORY_MIB, "2048")])).unwrap();
+        assert_eq!((s.vcpus, s.memory_mib), (4, 2048));
     }
 
     #[test]

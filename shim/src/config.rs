@@ -22,6 +22,9 @@ const VMM_NAME: &str = "moat-vmm";
 /// above moat-vmm's own floor.
 pub const MIN_MEMORY_MIB: u32 = 64;
 const _: () = assert!(MIN_MEMORY_MIB as u64 >= moat_vmm_api::limits::MIN_MEMORY_MIB);
+/// The longest any configured timeout may be (a day): deadlines computed
+/// from it cannot overflow.
+pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -61,6 +64,10 @@ pub struct Config {
     /// Default guest size, before annotations.
     pub vcpus: u32,
     pub memory_mib: u32,
+    /// The largest guest a container's annotations (`io.moat.*`, CRI's
+    /// pod resources) may ask for.
+    pub max_vcpus: u32,
+    pub max_memory_mib: u32,
     /// Extra guest kernel command line.
     pub kernel_cmdline: String,
     /// How long a VM may take to boot until its agent answers.
@@ -69,6 +76,9 @@ pub struct Config {
     /// stats, ...) may take. Mounting a rootfs takes a minute or more where
     /// the guest kernel runs in an emulator (PVM hosts).
     pub agent_timeout_secs: u64,
+    /// How long the other agent calls (kill, delete, pids, stats, pause,
+    /// resume, update, resize) may take: a hung agent fails them after it.
+    pub control_timeout_secs: u64,
     /// State directories (`<state_dir>/<sandbox-id>/`).
     pub state_dir: PathBuf,
     /// Cache of read-only layer images.
@@ -114,10 +124,13 @@ impl Default for Config {
             vmm: None,
             vcpus: 1,
             memory_mib: 256,
+            max_vcpus: u32::from(MAX_VCPUS),
+            max_memory_mib: 16384,
             kernel_cmdline: String::new(),
             // Guest boots take 20-30 s on PVM hosts; leave ample room.
             boot_timeout_secs: 120,
             agent_timeout_secs: 300,
+            control_timeout_secs: 30,
             state_dir: PathBuf::from("/run/moat"),
             layer_cache_dir: PathBuf::from("/var/lib/moat/layers"),
             upper: UpperKind::Ext4,
@@ -160,53 +173,86 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let invalid = |reason: &str| ConfigError::Invalid {
+        cfg.check().map_err(|reason| ConfigError::Invalid {
             path: path.to_owned(),
-            reason: reason.to_owned(),
-        };
-        if cfg.vcpus == 0 || cfg.vcpus > u32::from(MAX_VCPUS) {
-            return Err(invalid(&format!(
-                "vcpus must be between 1 and {MAX_VCPUS} (moat-vmm's limit)"
-            )));
-        }
-        if cfg.memory_mib < MIN_MEMORY_MIB || u64::from(cfg.memory_mib) > MAX_MEMORY_MIB {
-            return Err(invalid(&format!(
-                "memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"
-            )));
-        }
-        if cfg.upper_size_mib > cfg.pod_upper_limit_mib {
-            return Err(invalid(
-                "upper_size_mib must not be above pod_upper_limit_mib",
+            reason,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks the values' ranges; the error says which one is wrong.
+    fn check(&self) -> Result<(), String> {
+        if self.max_vcpus == 0 || self.max_vcpus > u32::from(MAX_VCPUS) {
+            return Err(format!(
+                "max_vcpus must be between 1 and {MAX_VCPUS} (moat-vmm's limit)"
             ));
         }
-        if cfg.boot_timeout_secs == 0 {
-            return Err(invalid("boot_timeout_secs must be positive"));
+        if self.vcpus == 0 || self.vcpus > self.max_vcpus {
+            return Err(format!(
+                "vcpus must be between 1 and {} (max_vcpus)",
+                self.max_vcpus
+            ));
         }
-        if cfg.agent_timeout_secs == 0 {
-            return Err(invalid("agent_timeout_secs must be positive"));
+        if self.max_memory_mib < MIN_MEMORY_MIB || u64::from(self.max_memory_mib) > MAX_MEMORY_MIB {
+            return Err(format!(
+                "max_memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}"
+            ));
         }
-        if cfg.jail_id_base == 0 || cfg.jail_id_base > u32::MAX - crate::sandbox::jail::JAIL_IDS - 1
+        if self.memory_mib < MIN_MEMORY_MIB || self.memory_mib > self.max_memory_mib {
+            return Err(format!(
+                "memory_mib must be between {MIN_MEMORY_MIB} and max_memory_mib ({})",
+                self.max_memory_mib
+            ));
+        }
+        if self.upper_size_mib > self.pod_upper_limit_mib {
+            return Err("upper_size_mib must not be above pod_upper_limit_mib".into());
+        }
+        for (name, secs) in [
+            ("boot_timeout_secs", self.boot_timeout_secs),
+            ("agent_timeout_secs", self.agent_timeout_secs),
+            ("control_timeout_secs", self.control_timeout_secs),
+        ] {
+            if secs == 0 || secs > MAX_TIMEOUT_SECS {
+                return Err(format!("{name} must be between 1 and {MAX_TIMEOUT_SECS}"));
+            }
+        }
+        // Stdio streams use the next port.
+        if self.agent_port == u32::MAX {
+            return Err(format!("agent_port must be below {}", u32::MAX));
+        }
+        self.check_paths()
+    }
+
+    fn check_paths(&self) -> Result<(), String> {
+        let invalid = |reason: &str| Err(reason.to_owned());
+        if self.jail_id_base == 0
+            || self.jail_id_base > u32::MAX - crate::sandbox::jail::JAIL_IDS - 1
         {
-            return Err(invalid(
+            return invalid(
                 "jail_id_base must be above 0 and leave room for 65536 ids below 2^32-1",
-            ));
+            );
         }
         // Sockets live in the state directory and must fit sun_path.
-        if cfg.state_dir.as_os_str().len() > 30 {
-            return Err(invalid(
+        if self.state_dir.as_os_str().len() > 30 {
+            return invalid(
                 "state_dir must be at most 30 bytes long, so socket paths stay under 108 bytes",
-            ));
+            );
         }
-        Ok(cfg)
+        Ok(())
     }
 
     pub fn boot_timeout(&self) -> Duration {
         Duration::from_secs(self.boot_timeout_secs)
     }
 
-    /// The deadline of one guest agent call.
+    /// The deadline of a create, start or exec call to the guest agent.
     pub fn agent_timeout(&self) -> Duration {
         Duration::from_secs(self.agent_timeout_secs)
+    }
+
+    /// The deadline of the other guest agent calls.
+    pub fn control_timeout(&self) -> Duration {
+        Duration::from_secs(self.control_timeout_secs)
     }
 
     /// The moat-vmm binary: configured, else /usr/local/bin, else next to this shim.
@@ -293,6 +339,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("pod_upper_limit_mib"), "{e}");
+        // Finding 11: values whose arithmetic would overflow are refused.
+        let e = parse("boot_timeout_secs = 18446744073709551615")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("boot_timeout_secs"), "{e}");
+        let e = parse("control_timeout_secs = 0").unwrap_err().to_string();
+        assert!(e.contains("control_timeout_secs"), "{e}");
+        let e = parse("agent_port = 4294967295").unwrap_err().to_string();
+        assert!(e.contains("agent_port"), "{e}");
+        // Finding 9: the default size must fit under the caps.
+        let e = parse("vcpus = 8\nmax_vcpus = 4").unwrap_err().to_string();
+        assert!(e.contains("max_vcpus"), "{e}");
+        let e = parse("max_memory_mib = 8").unwrap_err().to_string();
+        assert!(e.contains("max_memory_mib"), "{e}");
         let e = parse("upper = \"zfs\"").unwrap_err().to_string();
         assert!(e.contains("zfs"), "{e}");
         let e = parse("state_dir = \"/a/very/long/state/directory/path/that/is/too/long\"")

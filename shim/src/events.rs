@@ -6,7 +6,7 @@
 //! containerd sees; the service publishes each event only after the one that
 //! must precede it.
 
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -86,15 +86,19 @@ enum Item {
     Flush(Sender<()>),
 }
 
-/// The ordered queue in front of a [`Sink`].
+/// How many events may wait for the sink. Lifecycle events wait for room;
+/// events the guest causes ([`Publisher::try_publish`]) are dropped.
+pub const QUEUE_LEN: usize = 1024;
+
+/// The ordered, bounded queue in front of a [`Sink`].
 pub struct Publisher {
-    tx: Mutex<Sender<Item>>,
+    tx: Mutex<SyncSender<Item>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Publisher {
     pub fn new(namespace: String, sink: impl Sink) -> Publisher {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(QUEUE_LEN);
         let thread = std::thread::Builder::new()
             .name("events".into())
             .spawn(move || forward_loop(namespace, sink, rx))
@@ -105,23 +109,33 @@ impl Publisher {
         }
     }
 
+    /// Queues a lifecycle event, waiting for room.
     pub fn publish(&self, event: Event) {
         log::debug!("event {}: {:?}", event.topic(), event);
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if tx.send(Item::Event(event)).is_err() {
             log::error!("event thread is gone; event dropped");
+        }
+    }
+
+    /// Queues an event the guest caused, dropping it when the queue is full.
+    pub fn try_publish(&self, event: Event) -> bool {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match tx.try_send(Item::Event(event)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(Item::Event(e))) => {
+                log::warn!("event queue full; {} dropped", e.topic());
+                false
+            }
+            Err(_) => false,
         }
     }
 
     /// Waits (bounded) until every event published so far was forwarded.
     pub fn flush(&self, timeout: Duration) {
         let (done_tx, done_rx) = mpsc::channel();
-        let sent = self
-            .tx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(Item::Flush(done_tx))
-            .is_ok();
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let sent = tx.send(Item::Flush(done_tx)).is_ok();
         if sent && done_rx.recv_timeout(timeout).is_err() {
             log::warn!("events not all forwarded within {timeout:?}");
         }
@@ -131,7 +145,7 @@ impl Publisher {
     pub fn close(&self, timeout: Duration) {
         self.flush(timeout);
         // Replacing the sender ends the thread's receive loop.
-        let (dead, _) = mpsc::channel();
+        let (dead, _) = mpsc::sync_channel(0);
         *self.tx.lock().unwrap_or_else(|e| e.into_inner()) = dead;
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();

@@ -12,11 +12,12 @@ mod annotations;
 mod config;
 mod events;
 mod network;
+mod pod;
 mod process;
 mod rootfs;
 mod sandbox;
-mod service;
 mod stdio;
+mod task;
 mod volumes;
 
 use std::collections::HashMap;
@@ -308,12 +309,13 @@ fn serve_inner(flags: &Flags) -> Result<(), ShimError> {
     if let Err(e) = &cfg {
         log::error!("{e}");
     }
-    let task: Arc<dyn containerd_shim::Task + Send + Sync> = Arc::new(service::Service::new(
-        &flags.namespace,
-        cfg,
-        events::Publisher::new(flags.namespace.clone(), publisher),
-        exit.clone(),
-    ));
+    let events = Arc::new(events::Publisher::new(flags.namespace.clone(), publisher));
+    let pod = cfg.map(|cfg| {
+        let launcher = Box::new(pod::vm::SandboxLauncher);
+        pod::Pod::new(cfg, &flags.namespace, events, launcher)
+    });
+    let task: Arc<dyn containerd_shim::Task + Send + Sync> =
+        Arc::new(task::TaskService::new(pod, exit.clone()));
     let v3 = create_task(task.clone());
     let v2 = create_task(task)
         .into_iter()

@@ -80,8 +80,10 @@ impl Process {
     }
 
     /// Records the exit and wakes every Wait; returns false when it was
-    /// already recorded (the first report wins).
-    pub fn set_exited(&self, exit_status: u32, at: SystemTime) -> bool {
+    /// already recorded (the first report wins). The first report calls
+    /// `announce` before any Wait returns, so that the exit event precedes
+    /// whatever a waiter does next (containerd deletes the task).
+    pub fn set_exited(&self, exit_status: u32, at: SystemTime, announce: impl FnOnce()) -> bool {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if s.status == Status::Stopped {
             return false;
@@ -89,6 +91,7 @@ impl Process {
         s.status = Status::Stopped;
         s.exit_status = exit_status;
         s.exited_at = Some(at);
+        announce();
         self.cv.notify_all();
         true
     }
@@ -117,8 +120,10 @@ mod tests {
         let p2 = p.clone();
         let waiter = std::thread::spawn(move || p2.wait());
         std::thread::sleep(Duration::from_millis(50));
-        assert!(p.set_exited(137, SystemTime::now()));
-        assert!(!p.set_exited(0, SystemTime::now()));
+        let mut announced = 0;
+        assert!(p.set_exited(137, SystemTime::now(), || announced += 1));
+        assert!(!p.set_exited(0, SystemTime::now(), || announced += 1));
+        assert_eq!(announced, 1);
         let s = waiter.join().unwrap();
         assert_eq!((s.status, s.pid, s.exit_status), (Status::Stopped, 7, 137));
         let e = Process::new("c", "e1", StdioSpec::default(), Vec::new());

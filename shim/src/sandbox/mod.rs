@@ -204,30 +204,7 @@ impl Sandbox {
     ) -> Result<Sandbox, SandboxError> {
         let mut undo = UndoBoot { vmm: None, network };
         let network = undo.network.as_ref();
-        for (what, path) in [
-            (
-                "guest kernel (set `kernel` in /etc/moat/config.toml)",
-                &cfg.kernel,
-            ),
-            (
-                "guest initramfs (set `initramfs` in /etc/moat/config.toml)",
-                &cfg.initramfs,
-            ),
-        ] {
-            if !path.exists() {
-                return Err(SandboxError::Missing {
-                    what,
-                    path: path.clone(),
-                });
-            }
-        }
-        let vmm_bin = cfg.vmm_path();
-        if !vmm_bin.exists() {
-            return Err(SandboxError::Missing {
-                what: "moat-vmm binary",
-                path: vmm_bin,
-            });
-        }
+        let vmm_bin = check_files(cfg)?;
         let taps = network.map(PodNetwork::taps).unwrap_or_default();
         // Each interface takes an interrupt a block slot would have had.
         let max_slots = MAX_BLOCK_SLOTS.saturating_sub(taps.len());
@@ -274,15 +251,7 @@ impl Sandbox {
                 .set_network(agent.ctx_timeout(cfg.agent_timeout()), &n.request)
                 .map_err(|e| SandboxError::Api(format!("SetNetwork: {e}")))?;
         }
-        let booted = match vmm.boot_time() {
-            Some(t) => format!("booted in {} ms (boot timer)", t.as_millis()),
-            None => "boot timer not written".into(),
-        };
-        log::info!(
-            "sandbox {id}: agent {} on kernel {} is up; {booted}",
-            agent.agent_version().agent_version,
-            agent.agent_version().kernel
-        );
+        log_boot(id, vmm, &agent);
         let (vmm, mut network) = undo.disarm();
         if let Some(n) = &mut network {
             n.release_taps();
@@ -414,6 +383,59 @@ fn block_slots(disks: &[Disk], spares: usize) -> (Vec<BlockConfig>, Vec<Slot>) {
     (block, slots)
 }
 
+/// Checks that the guest kernel, initramfs and moat-vmm exist; returns moat-vmm's path.
+fn check_files(cfg: &Config) -> Result<PathBuf, SandboxError> {
+    let vmm_bin = cfg.vmm_path();
+    for (what, path) in [
+        (
+            "guest kernel (set `kernel` in /etc/moat/config.toml)",
+            &cfg.kernel,
+        ),
+        (
+            "guest initramfs (set `initramfs` in /etc/moat/config.toml)",
+            &cfg.initramfs,
+        ),
+        ("moat-vmm binary", &vmm_bin),
+    ] {
+        if !path.exists() {
+            return Err(SandboxError::Missing {
+                what,
+                path: path.clone(),
+            });
+        }
+    }
+    Ok(vmm_bin)
+}
+
+fn log_boot(id: &str, vmm: &Vmm, agent: &AgentClient) {
+    let booted = match vmm.boot_time() {
+        Some(t) => format!("booted in {} ms (boot timer)", t.as_millis()),
+        None => "boot timer not written".into(),
+    };
+    log::info!(
+        "sandbox {id}: agent {} on kernel {} is up; {booted}",
+        agent.agent_version().agent_version,
+        agent.agent_version().kernel
+    );
+}
+
+/// The guest kernel's command line. `panic=-1` makes a panicking guest
+/// reboot at once, which ends moat-vmm: the pod's tasks then exit instead
+/// of showing Running over a dead kernel.
+pub fn guest_cmdline(cfg: &Config) -> String {
+    let mut cmdline = format!(
+        "moat.port={} {}={} panic=-1",
+        cfg.agent_port,
+        moat_protocol::PIDS_LIMIT_PARAM,
+        cfg.pids_limit
+    );
+    if !cfg.kernel_cmdline.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&cfg.kernel_cmdline);
+    }
+    cmdline
+}
+
 /// The VM moat-vmm is asked for, in `jail` (if any) as far as the config
 /// allows, checked against moat-vmm's limits so that a VM it would refuse
 /// fails here, with the limit in the error.
@@ -426,16 +448,7 @@ fn vm_config(
     jail: Option<JailConfig>,
 ) -> Result<VmConfig, SandboxError> {
     let vcpus = u8::try_from(size.vcpus).map_err(|_| ConfigError::Vcpus(u64::from(size.vcpus)))?;
-    let mut cmdline = format!(
-        "moat.port={} {}={}",
-        cfg.agent_port,
-        moat_protocol::PIDS_LIMIT_PARAM,
-        cfg.pids_limit
-    );
-    if !cfg.kernel_cmdline.is_empty() {
-        cmdline.push(' ');
-        cmdline.push_str(&cfg.kernel_cmdline);
-    }
+    let cmdline = guest_cmdline(cfg);
     let net = taps
         .iter()
         .enumerate()
@@ -516,7 +529,8 @@ fn connect_agent(
     vmm: &Vmm,
 ) -> Result<AgentClient, SandboxError> {
     let timeout = cfg.boot_timeout();
-    let deadline = Instant::now() + timeout;
+    // A deadline past what `Instant` holds is no deadline.
+    let deadline = Instant::now().checked_add(timeout);
     let mut last = String::from("not tried");
     loop {
         if let Some(status) = vmm.exited() {
@@ -536,7 +550,7 @@ fn connect_agent(
                 Err(e) => last = e.to_string(),
             }
         }
-        if Instant::now() >= deadline {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(SandboxError::BootTimeout {
                 timeout,
                 last,
@@ -732,6 +746,21 @@ mod tests {
         let (block, _) = block_slots(&[], MAX_BLOCK_SLOTS);
         let e = vm_config(&c, &dir, size, block, &taps, None).unwrap_err();
         assert!(e.to_string().contains("at most 19"), "{e}");
+    }
+
+    /// Issue 10 (8): a guest panic reboots at once (moat-vmm then exits),
+    /// and the config's own command line comes last.
+    #[test]
+    fn the_guest_reboots_on_panic() {
+        let c = Config {
+            kernel_cmdline: "quiet".into(),
+            ..Config::default()
+        };
+        let want = format!(
+            "moat.port=1024 moat.pids_limit={} panic=-1 quiet",
+            c.pids_limit
+        );
+        assert_eq!(guest_cmdline(&c), want);
     }
 
     /// A "VMM" that never brings up an agent hits the boot timeout and is killed.
