@@ -91,6 +91,16 @@ fn opt_value<'a>(options: &'a [String], key: &str) -> Option<&'a str> {
         .find_map(|o| o.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
+/// Whether `source` names something under /dev: `/dev/../x` does not.
+fn is_device_path(source: &str) -> bool {
+    use std::path::Component;
+    let mut parts = Path::new(source).components();
+    parts.next() == Some(Component::RootDir)
+        && parts.next() == Some(Component::Normal("dev".as_ref()))
+        && parts.clone().next().is_some()
+        && parts.all(|c| matches!(c, Component::Normal(_)))
+}
+
 /// Reads the plan from containerd's mounts; no mounts means the bundle's
 /// `rootfs/` directory is the root (e.g. `ctr run --rootfs`).
 pub fn plan(mounts: &[MountSpec], bundle: &Path) -> Result<RootfsPlan, RootfsError> {
@@ -132,7 +142,7 @@ pub fn plan(mounts: &[MountSpec], bundle: &Path) -> Result<RootfsPlan, RootfsErr
                 })
             }
         }
-        fs_type if m.source.starts_with("/dev/") => Ok(RootfsPlan::Block {
+        fs_type if is_device_path(&m.source) => Ok(RootfsPlan::Block {
             device: PathBuf::from(&m.source),
             fs_type: fs_type.to_owned(),
             read_only: has_opt(&m.options, "ro"),
@@ -483,6 +493,12 @@ mod tests {
         assert!(matches!(e, Err(RootfsError::NoLowerdir)));
         let e = plan(&[m("nfs", "host:/x", &[])], Path::new("/b")).unwrap_err();
         assert!(e.to_string().contains("nfs"), "{e}");
+        // Issue 10 (11): a block device must lie under /dev.
+        for source in ["/dev/../etc/shadow", "/dev/", "/dev/./../x"] {
+            let e = plan(&[m("ext4", source, &[])], Path::new("/b")).unwrap_err();
+            assert!(e.to_string().contains(source), "{e}");
+        }
+        assert!(plan(&[m("ext4", "/dev/vdb", &[])], Path::new("/b")).is_ok());
         let two = [m("bind", "/", &[]), m("bind", "/", &[])];
         assert!(matches!(
             plan(&two, Path::new("/b")),
