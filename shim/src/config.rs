@@ -22,6 +22,8 @@ const VMM_NAME: &str = "moat-vmm";
 /// above moat-vmm's own floor.
 pub const MIN_MEMORY_MIB: u32 = 64;
 const _: () = assert!(MIN_MEMORY_MIB as u64 >= moat_vmm_api::limits::MIN_MEMORY_MIB);
+/// How many VMs can hold a uid at once.
+pub const JAIL_IDS: u32 = 65536;
 /// The longest any configured timeout may be (a day): deadlines computed
 /// from it cannot overflow.
 pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
@@ -225,9 +227,7 @@ impl Config {
 
     fn check_paths(&self) -> Result<(), String> {
         let invalid = |reason: &str| Err(reason.to_owned());
-        if self.jail_id_base == 0
-            || self.jail_id_base > u32::MAX - crate::sandbox::jail::JAIL_IDS - 1
-        {
+        if self.jail_id_base == 0 || self.jail_id_base > u32::MAX - JAIL_IDS - 1 {
             return invalid(
                 "jail_id_base must be above 0 and leave room for 65536 ids below 2^32-1",
             );

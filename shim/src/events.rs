@@ -276,6 +276,31 @@ mod tests {
         assert_eq!(got, vec!["/tasks/exit", "/tasks/delete"]);
     }
 
+    /// A sink that hangs, as a wedged containerd would.
+    struct Stuck(std::sync::mpsc::Receiver<()>);
+    impl Sink for Stuck {
+        fn forward(&mut self, _: &str, _: Event) -> Result<(), String> {
+            let _ = self.0.recv();
+            Ok(())
+        }
+    }
+
+    /// Issue 10 (4): events the guest causes cannot grow the queue
+    /// without bound; they are dropped once it is full.
+    #[test]
+    fn guest_events_are_dropped_when_the_queue_is_full() {
+        let (release, stuck) = mpsc::channel();
+        let p = Publisher::new("ns".into(), Stuck(stuck));
+        let sent = (0..QUEUE_LEN * 2)
+            .filter(|_| p.try_publish(Event::Oom(TaskOOM::new())))
+            .count();
+        // One is in the sink, QUEUE_LEN wait.
+        assert!(sent <= QUEUE_LEN + 1, "{sent} queued");
+        assert!(sent >= QUEUE_LEN, "{sent} queued");
+        drop(release);
+        p.close(Duration::from_secs(5));
+    }
+
     #[test]
     fn timestamps_convert() {
         let t = UNIX_EPOCH + Duration::new(5, 7);

@@ -278,3 +278,45 @@ pub fn spawn_volume_sync(pod: &Pod, c: &Container, mut vols: volumes::Volumes, v
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lying agent's exit status cannot pass for another (finding 4).
+    #[test]
+    fn exit_statuses_out_of_range_read_as_lost() {
+        for (given, want) in [(0, 0), (137, 137), (255, 255), (-5, 255), (1000, 255)] {
+            let r = agent::WaitProcessResponse {
+                exit_status: given,
+                exited_at_ns: 5,
+                ..Default::default()
+            };
+            let (status, at) = exit_of(&r);
+            assert_eq!(status, want, "{given}");
+            assert_eq!(at, UNIX_EPOCH + Duration::from_nanos(5));
+        }
+    }
+
+    #[test]
+    fn ooms_of_known_containers_pass_once_per_interval() {
+        let mut f = EventFilter::default();
+        let t = Instant::now();
+        assert!(!f.pass_oom("ghost", false, t));
+        assert!(f.pass_oom("c1", true, t));
+        assert!(!f.pass_oom("c1", true, t + Duration::from_millis(500)));
+        assert!(f.pass_oom("c2", true, t + Duration::from_millis(500)));
+        assert!(f.pass_oom("c1", true, t + OOM_INTERVAL));
+    }
+
+    #[test]
+    fn a_flood_of_events_is_paced_to_the_limit() {
+        let mut f = EventFilter::default();
+        let t = Instant::now();
+        let paused = (0..EVENTS_PER_SECOND + 5)
+            .filter(|_| f.throttle(t).is_some())
+            .count();
+        assert_eq!(paused, 5);
+        assert_eq!(f.throttle(t + Duration::from_secs(1)), None);
+    }
+}

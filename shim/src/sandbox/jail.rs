@@ -20,8 +20,8 @@ use std::path::Path;
 
 use moat_vmm_api::JailConfig;
 
-/// How many VMs can hold a uid at once.
-pub const JAIL_IDS: u32 = 65536;
+use crate::config::JAIL_IDS;
+
 const JAIL_ID_FILE: &str = "jail-id";
 
 /// Claims a free uid for the sandbox in `sandbox_dir` (a directory right
