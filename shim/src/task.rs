@@ -386,6 +386,92 @@ mod tests {
         assert_eq!(any.type_url, "io.containerd.cgroups.v2.Metrics");
     }
 
+    use crate::pod::fake::FakeLauncher;
+    use crate::pod::tests::harness;
+    use containerd_shim::protos::shim::shim_ttrpc::{create_task, TaskClient};
+    use containerd_shim::protos::types::mount::Mount;
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
+
+    /// The task layer served over ttrpc, as containerd reaches it.
+    fn serve(pod: Arc<Pod>, sock: &std::path::Path) -> (ttrpc::Server, TaskClient) {
+        let task = Arc::new(TaskService::new(Ok(pod), Arc::new(ExitSignal::default())));
+        let mut server = ttrpc::Server::new()
+            .bind(&format!("unix://{}", sock.display()))
+            .unwrap()
+            .register_service(create_task(task));
+        server.start().unwrap();
+        let client = ttrpc::Client::connect(&format!("unix://{}", sock.display())).unwrap();
+        (server, TaskClient::new(client))
+    }
+
+    fn code(r: TtrpcResult<impl std::fmt::Debug>) -> (Code, String) {
+        match r {
+            Err(ttrpc::Error::RpcStatus(s)) => (s.code(), s.message().to_owned()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// containerd's calls through the real task and pod layers, against a
+    /// fake VM whose agent then hangs: clear codes, bounded times.
+    #[test]
+    fn containerd_calls_get_typed_answers_and_clear_codes() {
+        let h = harness(FakeLauncher::default());
+        let (server, client) = serve(h.pod.clone(), &h.tmp.path().join("task.sock"));
+        let ctx = || containerd_shim::protos::ttrpc::context::with_timeout(5_000_000_000);
+        let r = h.request("c1");
+        let create = CreateTaskRequest {
+            id: r.id.clone(),
+            bundle: r.bundle.clone(),
+            rootfs: vec![Mount {
+                type_: "ext4".into(),
+                source: "/dev/fake".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        client.create(ctx(), &create).unwrap();
+        let (c, m) = code(client.create(ctx(), &create));
+        assert_eq!(
+            (c, m.as_str()),
+            (Code::ALREADY_EXISTS, "container c1 already exists")
+        );
+        let start = StartRequest {
+            id: "c1".into(),
+            ..Default::default()
+        };
+        assert_eq!(client.start(ctx(), &start).unwrap().pid, 100);
+        let kill = |id: &str, signal| KillRequest {
+            id: id.into(),
+            signal,
+            ..Default::default()
+        };
+        let (c, _) = code(client.kill(ctx(), &kill("nope", 9)));
+        assert_eq!(c, Code::NOT_FOUND);
+        let (c, _) = code(client.kill(ctx(), &kill("c1", 1000)));
+        assert_eq!(c, Code::INVALID_ARGUMENT);
+        // The agent hangs: a kill fails after control_timeout_secs.
+        h.vm().state.silent.store(true, Ordering::SeqCst);
+        let t = Instant::now();
+        let (c, m) = code(client.kill(ctx(), &kill("c1", 9)));
+        assert_eq!(c, Code::DEADLINE_EXCEEDED, "{m}");
+        assert!(m.contains("control_timeout_secs"), "{m}");
+        assert!(t.elapsed() < Duration::from_secs(3));
+        h.vm().state.silent.store(false, Ordering::SeqCst);
+        client.kill(ctx(), &kill("c1", 9)).unwrap();
+        let wait = WaitRequest {
+            id: "c1".into(),
+            ..Default::default()
+        };
+        assert_eq!(client.wait(ctx(), &wait).unwrap().exit_status, 137);
+        let delete = DeleteRequest {
+            id: "c1".into(),
+            ..Default::default()
+        };
+        assert_eq!(client.delete(ctx(), &delete).unwrap().exit_status, 137);
+        server.shutdown();
+    }
+
     #[test]
     fn agent_errors_keep_their_code() {
         let e = status(PodError::Agent {

@@ -12,9 +12,9 @@ mod ops;
 pub mod vm;
 
 #[cfg(test)]
-mod fake;
+pub mod fake;
 #[cfg(test)]
-mod tests;
+pub mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;

@@ -12,11 +12,12 @@ use crate::events::recorder::Recorder;
 use crate::rootfs::testutil::TempDir;
 use crate::stdio::StdioSpec;
 
-struct Harness {
-    pod: Arc<Pod>,
-    launcher: Arc<FakeLauncher>,
-    events: Recorder,
-    tmp: TempDir,
+/// A pod on fake VMs, with its events recorded.
+pub struct Harness {
+    pub pod: Arc<Pod>,
+    pub launcher: Arc<FakeLauncher>,
+    pub events: Recorder,
+    pub tmp: TempDir,
 }
 
 fn cfg(dir: &Path) -> Config {
@@ -31,7 +32,7 @@ fn cfg(dir: &Path) -> Config {
     }
 }
 
-fn harness(launcher: FakeLauncher) -> Harness {
+pub fn harness(launcher: FakeLauncher) -> Harness {
     let tmp = TempDir::new("pod");
     let launcher = Arc::new(FakeLauncher {
         sock_dir: tmp.path().to_owned(),
@@ -50,7 +51,7 @@ fn harness(launcher: FakeLauncher) -> Harness {
 
 impl Harness {
     /// A bundle whose rootfs is a block device (nothing to build).
-    fn request(&self, id: &str) -> CreateRequest {
+    pub fn request(&self, id: &str) -> CreateRequest {
         let bundle = self.tmp.path().join(format!("bundle-{id}"));
         fs::create_dir_all(&bundle).unwrap();
         let mut spec = serde_json::to_value(oci_spec::runtime::Spec::default()).unwrap();
@@ -75,7 +76,7 @@ impl Harness {
         self.pod.container(id).unwrap()
     }
 
-    fn vm(&self) -> Arc<FakeVm> {
+    pub fn vm(&self) -> Arc<FakeVm> {
         self.launcher.last()
     }
 
