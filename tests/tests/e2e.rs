@@ -2,11 +2,12 @@
 //!
 //! A guest boot takes 20-130 s on this project's PVM machines and every
 //! container costs a minute of emulated guest kernel (rootfs mounts,
-//! namespaces), so the suite boots two VMs in all, one per test, and the
-//! two tests run in parallel: a plain container in a VM of its own, and a
-//! pod whose VM runs five containers (three of them started at once) and an
+//! namespaces), so the suite boots three VMs in all, one per test, and the
+//! tests run in parallel: a plain container in a VM of its own, a pod
+//! whose VM runs five containers (three of them started at once) and an
 //! exec, on a pod network (a veth in a namespace, as CNI leaves it, joined
-//! to the VM by a tap). Skipped (loudly) only when the guest kernel,
+//! to the VM by a tap), and a pod where an exec answers during a sibling's
+//! create. Skipped (loudly) only when the guest kernel,
 //! initramfs, /dev/kvm or the host tools are not on the machine.
 
 use std::process::{Command, Output};
@@ -355,5 +356,63 @@ fn pod_runs_containers_exec_ps_metrics_pause_and_kill_in_one_vm() {
         !qdiscs.contains("ingress"),
         "redirect left behind: {qdiscs}"
     );
+    elapsed(t, "no leaks");
+}
+
+/// Issue 9: while a sibling is being created (its rootfs converted, its
+/// disks attached, the guest mounting them: a minute of emulated guest
+/// here), an exec in the pod's running container answers at once: the
+/// pod's lock no longer spans a create.
+#[test]
+fn exec_answers_while_a_sibling_is_created() {
+    let Some(c) = setup("e2e-lock") else { return };
+    let c = Arc::new(c);
+    let _stop = StopOnDrop(c.clone());
+    let t = Instant::now();
+    let pod = format!("{SANDBOX_ID_ANNOTATION}=pod-lock");
+    let in_pod = ["--rm", "--annotation", pod.as_str()];
+    let live = run_in_thread(
+        &c,
+        &in_pod,
+        "live",
+        &["sh", "-c", "trap 'exit 143' TERM; sleep 100000 & wait"],
+    );
+    wait_status(&c, "live", "RUNNING");
+    elapsed(t, "live is running (VM booted)");
+    let sibling = run_in_thread(&c, &in_pod, "sibling", &["true"]);
+    // The shim has begun the sibling's create.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !c.log().contains("create sibling") {
+        assert!(
+            Instant::now() < deadline,
+            "no create of sibling:\n{}",
+            c.log()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let start = Instant::now();
+    let o = c.ctr(&["tasks", "exec", "--exec-id", "quick", "live", "true"]);
+    let took = start.elapsed();
+    elapsed(t, &format!("exec during the sibling's create: {took:?}"));
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let created = stdout(&c.ctr(&["tasks", "ls"]))
+        .lines()
+        .any(|l| l.starts_with("sibling "));
+    assert!(
+        !created,
+        "the sibling was created before the exec ended; nothing was measured"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "exec took {took:?}\n{}",
+        c.diagnostics()
+    );
+    let o = sibling.join().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = c.ctr(&["tasks", "kill", "-s", "SIGTERM", "live"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = live.join().unwrap();
+    assert_eq!(o.status.code(), Some(143), "{}", text(&o));
+    c.assert_no_leaks();
     elapsed(t, "no leaks");
 }
