@@ -16,6 +16,12 @@ if command -v file >/dev/null && ! file "$agent" | grep -Eq "statically linked|s
     echo "build-initramfs: $agent is not statically linked" >&2
     exit 1
 fi
+# Test code must not ship: the scenarios are a dev-dependency only, and
+# any of their code in the agent would name their crate in its symbols.
+if grep -q moat_agent_scenarios "$agent"; then
+    echo "build-initramfs: $agent contains test code (moat_agent_scenarios)" >&2
+    exit 1
+fi
 if [ "${1:-}" = --agent ]; then
     echo "$PWD/$agent"
     exit 0

@@ -1,7 +1,8 @@
 //! moat-agent: the guest agent (PID 1 of the guest initramfs).
 //!
-//! Library so the integration tests and the lead's VM tests can share the
-//! scenario code in [`scenarios`]; the binary is `main.rs`.
+//! A library so that the binaries (`main.rs`, `moat-mkinitramfs`) and the
+//! integration tests share the code. The tests' scenarios live in the
+//! test-only crate `moat-agent-scenarios` (guest-agent/scenarios/).
 //!
 //! Layout:
 //! - [`init`]: PID 1 duties (basic mounts, loopback, power-off);
@@ -35,7 +36,6 @@ pub mod oci;
 pub mod oom;
 pub mod process;
 pub mod reaper;
-pub mod scenarios;
 pub mod seccomp;
 pub mod server;
 pub mod stdio;

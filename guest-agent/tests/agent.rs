@@ -2,7 +2,7 @@
 //! mount namespace (`unshare -m`), listening on unix sockets instead of
 //! vsock, with its cgroup root in a sub-cgroup. Containers come from a
 //! busybox rootfs, as a directory and as loop-mounted erofs layers (+ an
-//! ext4 upper). The scenarios live in `moat_agent::scenarios` so the same
+//! ext4 upper). The scenarios live in `moat_agent_scenarios` so the same
 //! checks can run against a VM over vsock.
 
 use std::io::{BufRead, BufReader};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{busybox_tree, case, sh, vol, Case, Limits};
-use moat_agent::scenarios::{self, Env};
+use moat_agent_scenarios::{self as scenarios, Env};
 use moat_protocol::agent::{source::Kind, Rootfs};
 use moat_protocol::Connector;
 use protobuf::MessageField;

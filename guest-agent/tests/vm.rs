@@ -1,7 +1,7 @@
 //! The agent's scenarios over real vsock: one moat-vmm VM booted with the
 //! guest kernel from kernel-config/ and the agent's initramfs, the busybox
 //! rootfs as an erofs layer plus ext4 uppers on virtio-blk devices found
-//! by serial, and every check of `moat_agent::scenarios` run against it,
+//! by serial, and every check of `moat_agent_scenarios` run against it,
 //! two at a time.
 //! The guest has real cgroup2 controllers, so limits and OOM run here even
 //! where the host's cgroup2 is bare. Ends with the Shutdown call, after
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{busybox_tree, case, sh, vol, Case, Limits};
-use moat_agent::scenarios::{self, Env};
+use moat_agent_scenarios::{self as scenarios, Env};
 use moat_protocol::agent::{source::Kind, Rootfs, Volume};
 use moat_protocol::{AgentClient, Connector, DEFAULT_AGENT_PORT};
 use protobuf::MessageField;

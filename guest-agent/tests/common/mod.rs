@@ -7,7 +7,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moat_agent::scenarios;
+use moat_agent_scenarios as scenarios;
 use moat_protocol::agent::{source::Kind, Source, Volume};
 use protobuf::MessageField;
 

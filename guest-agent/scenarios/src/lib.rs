@@ -2,9 +2,12 @@
 //! the host tests run them over unix sockets, the VM tests over hybrid
 //! vsock. Each scenario panics (assert!) on failure.
 //!
+//! A crate of its own, only a dev-dependency of moat-agent, so that test
+//! code is never compiled into the shipped agent.
+//!
 //! ```ignore
 //! let env = Env { connector: Connector::hybrid_vsock(uds), port: 1024, rootfs, .. };
-//! moat_agent::scenarios::exec_exit_codes(&env);
+//! moat_agent_scenarios::exec_exit_codes(&env);
 //! ```
 
 use std::io::{Read, Write};
