@@ -8,6 +8,8 @@ use moat_agent::syscall::LinuxSyscall;
 use moat_agent::{init, logger, reaper, server};
 
 fn main() {
+    // As PID 1, stderr is the console (the VM's console.log).
+    moat_crash::install("moat-agent");
     let is_init = std::process::id() == 1;
     let mut config = Config {
         init: is_init,
@@ -44,6 +46,7 @@ fn main() {
         std::process::exit(2);
     }
     logger::init(config.verbose);
+    moat_crash::crash_point("agent-start");
     // Before any thread exists, so only the reaper thread receives SIGCHLD.
     if let Err(e) = reaper::block_sigchld() {
         eprintln!("moat-agent: blocking SIGCHLD: {e}");

@@ -44,6 +44,9 @@ const RUNTIME_ID: &str = "io.containerd.moat.v1";
 const TTRPC_ADDRESS: &str = "TTRPC_ADDRESS";
 const TASK_V3: &str = "/containerd.task.v3.Task/";
 const TASK_V2: &str = "/containerd.task.v2.Task/";
+/// The FIFO in the bundle that containerd reads the shim's log from (the
+/// one `containerd_shim::logger` writes to).
+const LOG_FIFO: &str = "log";
 
 #[derive(Debug, Error)]
 enum ShimError {
@@ -70,6 +73,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ShimError {
 }
 
 fn main() {
+    // containerd reads `start`'s and `delete`'s stderr; the daemon points
+    // its own at containerd's log (`log_to_containerd`).
+    moat_crash::install("containerd-shim-moat-v1");
     let args: Vec<_> = std::env::args_os().collect();
     let result = containerd_shim::parse(&args[1..])
         .map_err(|e| ShimError::Args(e.to_string()))
@@ -276,6 +282,19 @@ fn close_stdout() {
     }
 }
 
+/// Points stderr (`start` made it /dev/null) at the `log` FIFO in the
+/// bundle, whose every byte containerd copies into its own log, so that a
+/// panic's report and any stray stderr output reach a person.
+fn log_to_containerd() {
+    match std::fs::OpenOptions::new().write(true).open(LOG_FIFO) {
+        // SAFETY: dup2 onto fd 2 of a valid descriptor; `fifo` is closed afterwards.
+        Ok(fifo) => unsafe {
+            libc::dup2(fifo.as_raw_fd(), libc::STDERR_FILENO);
+        },
+        Err(e) => log::warn!("stderr stays detached: opening {LOG_FIFO}: {e}"),
+    }
+}
+
 /// The daemon: serves the task API until Shutdown.
 fn serve(flags: &Flags) -> Result<(), ShimError> {
     let result = serve_inner(flags);
@@ -296,7 +315,10 @@ fn serve_inner(flags: &Flags) -> Result<(), ShimError> {
     if containerd_shim::logger::init(flags.debug, "info", &flags.namespace, &flags.id).is_err() {
         // No log FIFO (started by hand): nothing to log to.
         log::set_max_level(log::LevelFilter::Off);
+    } else {
+        log_to_containerd();
     }
+    moat_crash::crash_point("shim-serve");
     let path = socket_path(&flags.socket).to_owned();
     let Some(listener) = bind(&path)? else {
         return Ok(());

@@ -10,6 +10,8 @@ const USAGE: &str = "usage: moat-vmm --config vm.json | --kernel PATH [--initram
 
 fn main() {
     let start = Instant::now();
+    // stderr is the VMM's log (the shim's vmm.log).
+    moat_crash::install("moat-vmm");
     // glibc reads /sys/devices/system/cpu/online the first time a thread
     // needs a malloc arena beyond the eighth, which the seccomp filters of
     // device threads forbid. A fixed arena limit skips that look-up, and few

@@ -345,6 +345,7 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
     if let Some(f) = &filters {
         seccomp::apply(&f.get(ThreadKind::Main))?;
     }
+    moat_crash::crash_point("vmm-main-filtered");
 
     let events = EventLoop {
         vcpus: &vcpus,
