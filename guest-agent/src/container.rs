@@ -7,8 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use moat_protocol::agent::{
-    get_event_response, ExitEvent, ExtraMount, GetEventResponse, OomEvent, ProcessInfo, Rootfs,
-    Stdio,
+    get_event_response, ExitEvent, ExtraMount, GetEventResponse, ProcessInfo, Rootfs, Stdio,
 };
 use moat_protocol::ids::{is_valid_exec_id, is_valid_id};
 use nix::sys::signal::Signal;
@@ -633,15 +632,6 @@ impl Containers {
     }
 
     /// Pushes an OOM event (from the OOM watcher).
-    pub fn oom_event(events: &EventQueue, id: &str) {
-        let mut ev = GetEventResponse::new();
-        ev.event = Some(get_event_response::Event::Oom(OomEvent {
-            container_id: id.to_owned(),
-            ..Default::default()
-        }));
-        events.push(ev);
-    }
-
     /// Kills everything (Shutdown).
     pub fn kill_all(&self) {
         let all: Vec<_> = self.map.lock().unwrap().values().cloned().collect();

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use moat_protocol::agent::GetEventResponse;
+use moat_protocol::agent::{get_event_response, GetEventResponse, OomEvent};
 
 /// Oldest events are dropped beyond this (a host that stopped listening).
 const MAX_QUEUED: usize = 4096;
@@ -29,6 +29,16 @@ impl EventQueue {
         self.cv.notify_one();
     }
 
+    /// Queues an OOM kill in container `id`.
+    pub fn push_oom(&self, id: &str) {
+        let mut ev = GetEventResponse::new();
+        ev.event = Some(get_event_response::Event::Oom(OomEvent {
+            container_id: id.to_owned(),
+            ..Default::default()
+        }));
+        self.push(ev);
+    }
+
     /// The next event, or None after `timeout` (None: wait forever).
     pub fn pop(&self, timeout: Option<Duration>) -> Option<GetEventResponse> {
         let deadline = timeout.map(|t| Instant::now() + t);
@@ -48,5 +58,22 @@ impl EventQueue {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oom_event_names_the_container() {
+        let q = EventQueue::default();
+        q.push_oom("c1");
+        let ev = q.pop(Some(Duration::ZERO)).unwrap();
+        match ev.event {
+            Some(get_event_response::Event::Oom(oom)) => assert_eq!(oom.container_id, "c1"),
+            other => panic!("expected an OOM event, got {other:?}"),
+        }
+        assert!(q.pop(Some(Duration::ZERO)).is_none());
     }
 }

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 use crate::cgroup::Cgroup;
-use crate::container::Containers;
 use crate::error::{IoContext, Result};
 use crate::events::EventQueue;
 
@@ -87,7 +86,7 @@ impl OomWatcher {
                     if kills > watched.kills {
                         watched.kills = kills;
                         log::info!("OOM kill in container {}", watched.id);
-                        Containers::oom_event(events, &watched.id);
+                        events.push_oom(&watched.id);
                     }
                 }
             }
