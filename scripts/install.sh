@@ -32,33 +32,15 @@ install -m 0644 "$initramfs" "$LIB/initramfs.cpio.new" && mv -f "$LIB/initramfs.
 
 if [ ! -e "$CONF" ]; then
   cat >"$CONF" <<TOML
-# moat configuration; every key is optional (these are the defaults).
+# moat configuration: where this install put moat's files. Every other
+# key (vcpus, memory_mib, boot_timeout_secs, upper, ...) is optional; the
+# shim's defaults and their meaning are in shim/src/config.rs (Config).
 kernel = "$LIB/vmlinux"
 initramfs = "$LIB/initramfs.cpio"
 vmm = "$PREFIX/bin/moat-vmm"
-vcpus = 1
-memory_mib = 256
-# The largest VM annotations (io.moat.*, CRI pod resources) may ask for.
-max_vcpus = 16
-max_memory_mib = 16384
-# Guest boots take 20-130 s on PVM hosts (no nested virtualization), and
-# each agent call that mounts a rootfs up to a few minutes there.
-boot_timeout_secs = 300
-agent_timeout_secs = 300
-# kill, delete, pids, stats, pause, update: a hung agent fails them after it.
-control_timeout_secs = 30
-state_dir = "/run/moat"
 layer_cache_dir = "$LIB/layers"
-# "ext4" (sparse image per container) or "tmpfs" (in guest memory)
-upper = "ext4"
-upper_size_mib = 4096
 # On disk: the guest fills the uppers (never under state_dir, a tmpfs).
 upper_dir = "$LIB/uppers"
-# Cap on one pod's uppers together (apparent sizes).
-pod_upper_limit_mib = 16384
-spare_block_slots = 8
-# pids.max of containers whose spec sets no pids limit (0: none).
-pids_limit = 1024
 TOML
   log "wrote $CONF"
 else

@@ -129,8 +129,9 @@ impl Default for Config {
             max_vcpus: u32::from(MAX_VCPUS),
             max_memory_mib: 16384,
             kernel_cmdline: String::new(),
-            // Guest boots take 20-30 s on PVM hosts; leave ample room.
-            boot_timeout_secs: 120,
+            // Guest boots take 20-130 s on PVM hosts (the guest kernel runs
+            // in an emulator there); leave ample room.
+            boot_timeout_secs: 300,
             agent_timeout_secs: 300,
             control_timeout_secs: 30,
             state_dir: PathBuf::from("/run/moat"),
@@ -287,12 +288,36 @@ mod tests {
         let c = parse("").unwrap();
         assert_eq!(c.kernel, PathBuf::from(DEFAULT_KERNEL));
         assert_eq!(c.initramfs, PathBuf::from(DEFAULT_INITRAMFS));
-        assert_eq!(c.boot_timeout(), Duration::from_secs(120));
+        assert_eq!(c.boot_timeout(), Duration::from_secs(300));
         assert_eq!(c.upper, UpperKind::Ext4);
         assert_eq!(c.state_dir, PathBuf::from("/run/moat"));
         assert_eq!(c.pids_limit, moat_protocol::DEFAULT_PIDS_LIMIT);
         assert_eq!(c.upper_dir, PathBuf::from("/var/lib/moat/uppers"));
         assert!(!c.upper_dir.starts_with(&c.state_dir));
+    }
+
+    /// scripts/install.sh writes where it put moat's files and nothing
+    /// else, so the defaults live here alone.
+    #[test]
+    fn installed_config_repeats_no_default() {
+        let script = include_str!("../../scripts/install.sh");
+        let toml = script
+            .split_once("<<TOML\n")
+            .and_then(|(_, rest)| rest.split_once("\nTOML"))
+            .expect("install.sh writes a config")
+            .0
+            .replace("$LIB", "/var/lib/moat")
+            .replace("$PREFIX", "/usr/local");
+        parse(&toml).unwrap();
+        let keys: Vec<&str> = toml
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k))
+            .collect();
+        assert_eq!(
+            keys,
+            ["kernel", "initramfs", "vmm", "layer_cache_dir", "upper_dir"]
+        );
     }
 
     #[test]

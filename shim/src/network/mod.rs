@@ -173,11 +173,11 @@ fn create_tap(name: &str) -> Result<OwnedFd, NetworkError> {
     // struct ifreq: a 16-byte name, then the flags (a short) in the union.
     let mut req = [0u8; 40];
     req[..name.len()].copy_from_slice(name.as_bytes());
-    let flags: i16 = 0x0002 | 0x1000 | 0x4000; // IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+    // ifr_flags is a short: the flags all fit in its 16 bits.
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
     req[16..18].copy_from_slice(&flags.to_ne_bytes());
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     // SAFETY: TUNSETIFF reads (and writes back) an ifreq-sized buffer we own.
-    if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) } < 0 {
+    if unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, req.as_mut_ptr()) } < 0 {
         return Err(tap_err(std::io::Error::last_os_error()));
     }
     Ok(OwnedFd::from(f))

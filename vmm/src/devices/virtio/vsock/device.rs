@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::error;
+use moat_vmm_api::limits::MAX_SOCKET_PATH;
 use seccompiler::BpfProgram;
 use virtio_queue::{Queue, QueueOwnedT};
 use vmm_sys_util::epoll::{Epoll, EventSet};
@@ -26,9 +27,6 @@ use crate::devices::virtio::worker::{
     DeviceState, DeviceWorker, RingError, ANY_CHAIN_LEN,
 };
 
-/// `sun_path` holds 108 bytes, the terminating NUL included.
-const SUN_PATH_MAX: usize = 107;
-
 /// The longest tx chain: a header and the largest payload.
 const MAX_TX_CHAIN_LEN: u32 = (HDR_LEN + MAX_PAYLOAD) as u32;
 
@@ -36,7 +34,7 @@ const MAX_TX_CHAIN_LEN: u32 = (HDR_LEN + MAX_PAYLOAD) as u32;
 pub enum VsockError {
     #[error("Guest CID {0} is reserved or out of range (3 to 2^32 - 2)")]
     InvalidCid(u64),
-    #[error("Socket path {0:?} is longer than 107 bytes")]
+    #[error("Socket path {0:?} is longer than {MAX_SOCKET_PATH} bytes")]
     PathTooLong(PathBuf),
     #[error("Cannot listen on {path:?}")]
     Bind {
@@ -63,7 +61,7 @@ impl Vsock {
         }
         // Guest connections go to `<uds_path>_<port>`; those longer than
         // sun_path simply fail, like any other missing listener.
-        if uds_path.as_os_str().as_bytes().len() > SUN_PATH_MAX {
+        if uds_path.as_os_str().as_bytes().len() > MAX_SOCKET_PATH {
             return Err(VsockError::PathTooLong(uds_path));
         }
         let listener = UnixListener::bind(&uds_path)
@@ -589,6 +587,17 @@ mod tests {
             Vsock::new(3, long),
             Err(VsockError::PathTooLong(_))
         ));
+        // The limit is the one moat-vmm's config checks, which leaves room
+        // for the `_<port>` of guest-initiated connections.
+        let over = format!("/{}", "x".repeat(MAX_SOCKET_PATH));
+        let err = Vsock::new(3, over.into()).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "Socket path \"/{}\" is longer than 100 bytes",
+                "x".repeat(100)
+            )
+        );
         assert!(matches!(
             Vsock::new(3, dir.join("no/such/dir.sock")),
             Err(VsockError::Bind { .. })
