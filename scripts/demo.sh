@@ -28,12 +28,7 @@ scripts/private-containerd.sh stop "$dir" 2>/dev/null || true
 cleanup() {
   local rc=$?
   log "stopping the private containerd"
-  # A container left by an interrupted run: kill and remove it first.
-  if [ -S "$dir/containerd.sock" ]; then
-    timeout 30 ctr -a "$dir/containerd.sock" tasks kill -s SIGKILL moat-demo >/dev/null 2>&1 || true
-    timeout 60 ctr -a "$dir/containerd.sock" tasks delete -f moat-demo >/dev/null 2>&1 || true
-    timeout 30 ctr -a "$dir/containerd.sock" containers delete moat-demo >/dev/null 2>&1 || true
-  fi
+  # It also kills and deletes a container an interrupted run left.
   scripts/private-containerd.sh stop "$dir" || true
   exit "$rc"
 }

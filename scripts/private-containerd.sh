@@ -1,14 +1,25 @@
 #!/bin/bash
-# Starts or stops a containerd of its own (root, state, socket under DIR),
-# away from any system containerd, with the moat runtime registered.
-#   scripts/private-containerd.sh start DIR   prints the socket path
+# The one private containerd of moat's tests, demo and bench: a containerd
+# of its own (root, state, sockets and log under DIR), away from any
+# system containerd, with the moat runtime registered.
+#   scripts/private-containerd.sh start DIR [LEVEL]   prints the socket path
 #   scripts/private-containerd.sh stop DIR
+# start: containerd inherits this environment (PATH finds the shim,
+# MOAT_CONFIG names the shim's config) and logs at LEVEL (default info;
+# debug also passes -debug to the shims) to DIR/containerd.log.
+# stop: kills and deletes every task, stops containerd, kills the moat
+# shims and VMs still serving it, unmounts what it left under DIR and
+# removes DIR (kept, for its logs, if MOAT_TEST_KEEP
+# is set).
 set -euo pipefail
 cmd=$1
 dir=$(realpath -m "$2")
+level=${3:-info}
 sock=$dir/containerd.sock
-case "$cmd" in
-start)
+# ctr on a wedged containerd must not hang the caller.
+ctr_() { timeout -s KILL 60 ctr -a "$sock" "$@"; }
+
+start() {
   mkdir -p "$dir"
   cat >"$dir/config.toml" <<TOML
 version = 2
@@ -20,29 +31,65 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [ttrpc]
   address = "$sock.ttrpc"
 [debug]
-  level = "info"
+  level = "$level"
 TOML
-  containerd --config "$dir/config.toml" >"$dir/containerd.log" 2>&1 &
+  containerd --config "$dir/config.toml" </dev/null >"$dir/containerd.log" 2>&1 &
   echo $! >"$dir/containerd.pid"
-  for _ in $(seq 100); do
-    ctr -a "$sock" version >/dev/null 2>&1 && { echo "$sock"; exit 0; }
+  for _ in $(seq 200); do
+    ctr_ version >/dev/null 2>&1 && { echo "$sock"; return 0; }
     sleep 0.1
   done
   echo "containerd did not start; log:" >&2
   cat "$dir/containerd.log" >&2
-  exit 1
-  ;;
-stop)
+  return 1
+}
+
+# Tasks a caller left (an interrupted demo, a failed test): their shims
+# and VMs go with them.
+remove_tasks() {
+  local ns t
+  for ns in $(ctr_ namespaces ls -q 2>/dev/null); do
+    for t in $(ctr_ -n "$ns" tasks ls -q 2>/dev/null); do
+      ctr_ -n "$ns" tasks kill -s SIGKILL "$t" >/dev/null 2>&1 || true
+      ctr_ -n "$ns" tasks delete -f "$t" >/dev/null 2>&1 || true
+    done
+  done
+}
+
+# Shims and VMs that outlived their tasks: a shim's command line names the
+# socket, and a test's moat config (MOAT_CONFIG) lies under DIR.
+kill_leftovers() {
+  local p exe
+  for p in /proc/[0-9]*; do
+    exe=$(readlink "$p/exe" 2>/dev/null) || continue
+    case "$exe" in *containerd-shim-moat*|*moat-vmm*) ;; *) continue ;; esac
+    if cat "$p/cmdline" "$p/environ" 2>/dev/null | tr '\0' '\n' | grep -qF "$dir/"; then
+      kill -9 "${p#/proc/}" 2>/dev/null || true
+    fi
+  done
+}
+
+stop() {
+  if [ -S "$sock" ]; then
+    remove_tasks
+  fi
   if [ -f "$dir/containerd.pid" ]; then
     pid=$(cat "$dir/containerd.pid")
     kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true
     rm -f "$dir/containerd.pid"
   fi
+  kill_leftovers
   # Unmount what containerd left (snapshots, shm) before removing its root.
   grep -o " $dir/[^ ]*" /proc/self/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
-  rm -rf "$dir"
-  ;;
-*) echo "usage: $0 start|stop DIR" >&2; exit 2 ;;
+  if [ -z "${MOAT_TEST_KEEP:-}" ]; then
+    rm -rf "$dir"
+  fi
+}
+
+case "$cmd" in
+start) start ;;
+stop) stop ;;
+*) echo "usage: $0 start DIR [LEVEL] | stop DIR" >&2; exit 2 ;;
 esac

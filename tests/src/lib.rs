@@ -1,10 +1,11 @@
-//! Test harness: a private containerd (own root, state and sockets) with
-//! moat's shim on its PATH and a moat config of its own, a locally built
-//! busybox image, and leak checks. Everything is stopped on drop.
+//! Test harness: a private containerd (scripts/private-containerd.sh, as
+//! the demo and the bench use) with moat's shim on its PATH and a moat
+//! config of its own, a locally built busybox image, and leak checks.
+//! Everything is stopped on drop.
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
@@ -100,8 +101,8 @@ fn unsafe_is_root() -> bool {
 pub struct Containerd {
     pub dir: PathBuf,
     pub sock: PathBuf,
-    /// containerd; `None` once stopped.
-    child: Mutex<Option<Child>>,
+    /// Whether containerd runs (until `stop`).
+    running: Mutex<bool>,
     /// Tun/tap devices of the host's network namespace before the test.
     taps_before: Vec<String>,
     /// The pods (shim groupings) the test ran containers in.
@@ -137,27 +138,32 @@ fn tail(name: &str, lines: Vec<&str>, n: usize) -> String {
 /// that a hang fails the test while CI still has time to report it.
 pub const CTR_TIMEOUT_SECS: u64 = 900;
 
+/// `scripts/private-containerd.sh ACTION DIR [ARGS]`, with `env`.
+fn private_containerd(action: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(workspace().join("scripts/private-containerd.sh"))
+        .arg(action)
+        .arg(dir)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/private-containerd.sh")
+}
+
 impl Containerd {
     /// Starts containerd in a fresh short directory (socket paths stay short).
     pub fn start(tag: &str, moat: &MoatConfig) -> Containerd {
+        Containerd::start_with_env(tag, moat, &[])
+    }
+
+    /// [`Containerd::start`], with `env` added to the environment of
+    /// containerd and so of its shims.
+    pub fn start_with_env(tag: &str, moat: &MoatConfig, extra_env: &[(&str, &str)]) -> Containerd {
         let bin = binaries();
         let dir = PathBuf::from(format!("/tmp/mt-{tag}-{}", std::process::id()));
-        let _ = Command::new("umount").arg("-R").arg(&dir).output();
-        let _ = fs::remove_dir_all(&dir);
+        // What an earlier run with this pid may have left.
+        private_containerd("stop", &dir, &[], &[]);
         fs::create_dir_all(&dir).unwrap();
-        let sock = dir.join("c.sock");
-        fs::write(
-            dir.join("config.toml"),
-            format!(
-                "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
-                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{s}\"\n[ttrpc]\n  address = \"{s}.ttrpc\"\n\
-                 [debug]\n  level = \"debug\"\n",
-                d = dir.display(),
-                s = sock.display()
-            ),
-        )
-        .unwrap();
         fs::write(
             dir.join("moat.toml"),
             format!(
@@ -181,34 +187,27 @@ impl Containerd {
             bin.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let log = fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(dir.join("config.toml"))
-            .env("PATH", path)
-            .env("MOAT_CONFIG", dir.join("moat.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
-        let c = Containerd {
+        let moat_config = dir.join("moat.toml");
+        let mut env = vec![
+            ("PATH", path.as_str()),
+            ("MOAT_CONFIG", moat_config.to_str().unwrap()),
+        ];
+        env.extend_from_slice(extra_env);
+        let taps_before = taps();
+        // debug: containerd also passes -debug to the shims.
+        let out = private_containerd("start", &dir, &["debug"], &env);
+        assert!(
+            out.status.success(),
+            "containerd did not start: {}",
+            text(&out)
+        );
+        Containerd {
             dir,
-            sock,
-            child: Mutex::new(Some(child)),
-            taps_before: taps(),
+            sock: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+            running: Mutex::new(true),
+            taps_before,
             groupings: Mutex::new(Vec::new()),
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.ctr(&["version"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not start: {}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
         }
-        c
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -462,41 +461,18 @@ impl Drop for StopOnDrop {
 }
 
 impl Containerd {
-    /// Kills and deletes the tasks left by a failed test, stops containerd
-    /// and removes its directory (unless `MOAT_TEST_KEEP` is set). Only the
+    /// Stops containerd (scripts/private-containerd.sh: with the tasks, shims
+    /// and VMs a failed test left, and its directory unless `MOAT_TEST_KEEP`
+    /// is set) and removes the sockets of shims that were killed. Only the
     /// first call does anything.
     pub fn stop(&self) {
-        let Some(mut child) = self.child.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if !std::mem::take(&mut *running) {
             return;
-        };
-        // Tasks left by a failed test: kill and delete them first.
-        let tasks = String::from_utf8_lossy(&self.ctr(&["tasks", "ls", "-q"]).stdout).into_owned();
-        for t in tasks.lines().filter(|l| !l.trim().is_empty()) {
-            let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", t]);
-            let _ = self.ctr(&["tasks", "delete", "-f", t]);
         }
-        // SAFETY: signalling our own child by pid.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        // Shims and VMs a failed test left: they serve this containerd only.
-        let marker = self.dir.to_string_lossy().into_owned();
-        for p in pids_with_env_or_arg(&marker) {
-            if let Some(pid) = p.split(' ').next().and_then(|n| n.parse::<i32>().ok()) {
-                // SAFETY: kill(2) on a pid that runs this harness's shim or moat-vmm.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
+        let out = private_containerd("stop", &self.dir, &[], &[]);
+        if !out.status.success() {
+            eprintln!("stopping the private containerd: {}", text(&out));
         }
         for g in self
             .groupings
@@ -505,24 +481,6 @@ impl Containerd {
             .iter()
         {
             let _ = fs::remove_file(self.shim_socket(g));
-        }
-        let _ = Command::new("umount")
-            .arg("-R")
-            .arg("-l")
-            .arg(&self.dir)
-            .output();
-        let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let mut ours: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(1))
-            .filter(|m| m.starts_with(&marker))
-            .collect();
-        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in ours {
-            let _ = Command::new("umount").arg("-l").arg(m).output();
-        }
-        if std::env::var_os("MOAT_TEST_KEEP").is_none() {
-            let _ = fs::remove_dir_all(&self.dir);
         }
     }
 }

@@ -138,6 +138,37 @@ fn bad_input_fails_clearly_and_leaves_nothing() {
     assert_eq!(erofs_images(&c.layer_cache()), 1);
 }
 
+/// A panic in the shim daemon reaches containerd's log, message and
+/// backtrace (the crash point exists in debug builds only).
+#[test]
+fn shim_panic_reaches_containerds_log() {
+    if let Err(why) = host_tools() {
+        return skip("shim_panic_reaches_containerds_log", &why);
+    }
+    let moat = MoatConfig {
+        kernel: "/nonexistent/vmlinux".into(),
+        initramfs: "/nonexistent/initramfs.cpio".into(),
+        vmm: None,
+        extra: String::new(),
+    };
+    let c = Containerd::start_with_env("crash", &moat, &[("MOAT_CRASH_AT", "shim-serve")]);
+    c.import_busybox();
+    let o = c.run(&["--rm"], "crash", &["true"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    let log = c.log();
+    assert!(
+        log.contains("containerd-shim-moat-v1: thread 'main' panicked at shim/src/main.rs:"),
+        "{log}"
+    );
+    assert!(log.contains("crash point shim-serve reached"), "{log}");
+    assert!(
+        log.contains("containerd-shim-moat-v1: backtrace:\n"),
+        "{log}"
+    );
+    c.assert_no_leaks();
+    let _ = c.ctr(&["containers", "rm", "crash"]);
+}
+
 fn write_script(path: &Path, body: &str) {
     fs::write(path, body).unwrap();
     fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
