@@ -505,6 +505,7 @@ mod tests {
         assert_eq!(mount_point_of("", Path::new("/x")), None);
     }
     use moat_protocol::agent::Volume;
+    use moat_testutil::TempDir;
 
     fn vol(kind: Kind, fs: &str) -> Volume {
         Volume {
@@ -515,13 +516,6 @@ mod tests {
             fs_type: fs.into(),
             ..Default::default()
         }
-    }
-
-    fn tmp(name: &str) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("moat-mount-{name}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        p
     }
 
     #[test]
@@ -547,7 +541,8 @@ mod tests {
 
     #[test]
     fn erofs_layers_and_ext4_upper_become_overlay() {
-        let base = tmp("overlay");
+        let base_tmp = TempDir::new("mount-overlay");
+        let base = base_tmp.path();
         let sys = RecordingSyscall::default();
         let rootfs = Rootfs {
             layers: vec![
@@ -557,7 +552,7 @@ mod tests {
             upper: protobuf::MessageField::some(vol(Kind::DevicePath("/dev/vdd".into()), "ext4")),
             ..Default::default()
         };
-        let m = mount_rootfs(&sys, &base, &rootfs, Path::new("/nonexistent")).unwrap();
+        let m = mount_rootfs(&sys, base, &rootfs, Path::new("/nonexistent")).unwrap();
         let calls = sys.take();
         assert_eq!(calls.len(), 4);
         let b = base.display();
@@ -588,18 +583,19 @@ mod tests {
             c => panic!("unexpected {c:?}"),
         }
         assert_eq!(m.mounted.len(), 4);
-        fs::remove_dir_all(&base).unwrap();
+        fs::remove_dir_all(base).unwrap();
     }
 
     #[test]
     fn directory_layer_gets_tmpfs_upper() {
-        let base = tmp("dir");
+        let base_tmp = TempDir::new("mount-dir");
+        let base = base_tmp.path();
         let sys = RecordingSyscall::default();
         let rootfs = Rootfs {
             layers: vec![vol(Kind::Directory("/srv/rootfs".into()), "")],
             ..Default::default()
         };
-        let mut m = mount_rootfs(&sys, &base, &rootfs, Path::new("/nonexistent")).unwrap();
+        let mut m = mount_rootfs(&sys, base, &rootfs, Path::new("/nonexistent")).unwrap();
         let calls = sys.take();
         assert!(matches!(&calls[0], Call::Mount { fstype: Some(t), .. } if t == "tmpfs"));
         assert!(
@@ -607,13 +603,14 @@ mod tests {
         );
         m.unmount(&sys);
         assert_eq!(sys.take().len(), 2);
-        fs::remove_dir_all(&base).unwrap();
+        fs::remove_dir_all(base).unwrap();
     }
 
     #[test]
     fn bad_sources_are_refused() {
         let sys = RecordingSyscall::default();
-        let base = tmp("bad");
+        let base_tmp = TempDir::new("mount-bad");
+        let base = base_tmp.path();
         for kind in [
             Kind::DevicePath("relative".into()),
             Kind::Directory("/a:b".into()),
@@ -623,35 +620,38 @@ mod tests {
                 layers: vec![vol(kind, "erofs")],
                 ..Default::default()
             };
-            let dir = tmp("sysfs");
-            assert!(mount_rootfs(&sys, &base, &rootfs, &dir).is_err());
+            let dir_tmp = TempDir::new("mount-sysfs");
+            let dir = dir_tmp.path();
+            assert!(mount_rootfs(&sys, base, &rootfs, dir).is_err());
         }
-        assert!(mount_rootfs(&sys, &base, &Rootfs::default(), &base).is_err());
-        fs::remove_dir_all(&base).unwrap();
+        assert!(mount_rootfs(&sys, base, &Rootfs::default(), base).is_err());
+        fs::remove_dir_all(base).unwrap();
     }
 
     #[test]
     fn serial_lookup_reads_sysfs() {
-        let sysfs = tmp("serial");
+        let sysfs_tmp = TempDir::new("mount-serial");
+        let sysfs = sysfs_tmp.path();
         fs::create_dir_all(sysfs.join("vda")).unwrap();
         fs::create_dir_all(sysfs.join("vdb")).unwrap();
         fs::write(sysfs.join("vda/serial"), "other\n").unwrap();
         fs::write(sysfs.join("vdb/serial"), "layer-abc").unwrap();
         assert_eq!(
-            find_by_serial(&sysfs, "layer-abc").unwrap(),
+            find_by_serial(sysfs, "layer-abc").unwrap(),
             PathBuf::from("/dev/vdb")
         );
-        fs::remove_dir_all(&sysfs).unwrap();
+        fs::remove_dir_all(sysfs).unwrap();
     }
 
     #[test]
     fn resolution_stays_in_root() {
-        let root = tmp("resolve");
+        let root_tmp = TempDir::new("mount-resolve");
+        let root = root_tmp.path();
         fs::create_dir_all(root.join("etc")).unwrap();
         fs::create_dir_all(root.join("tmp")).unwrap();
         std::os::unix::fs::symlink("/", root.join("etc/up")).unwrap();
         std::os::unix::fs::symlink("/../../../../tmp", root.join("escape")).unwrap();
-        let rfd: OwnedFd = fs::File::open(&root).unwrap().into();
+        let rfd: OwnedFd = fs::File::open(root).unwrap().into();
         // An absolute symlink stays inside the root: creates root/tmp/x.
         let fd = ensure_in_root(&rfd, "/escape/x", true).unwrap();
         drop(fd);
@@ -675,6 +675,6 @@ mod tests {
         let fd = create_beneath(&rfd, "vol/..data/key", false).unwrap();
         drop(fd);
         assert!(root.join("vol/..data/key").is_file());
-        fs::remove_dir_all(&root).unwrap();
+        fs::remove_dir_all(root).unwrap();
     }
 }

@@ -97,8 +97,10 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
 
-    fn fake_vmm(reply: &'static str) -> (tempdir::Dir, std::thread::JoinHandle<String>) {
-        let dir = tempdir::Dir::new();
+    use moat_testutil::TempDir;
+
+    fn fake_vmm(reply: &'static str) -> (TempDir, std::thread::JoinHandle<String>) {
+        let dir = TempDir::new("proto");
         let listener = UnixListener::bind(dir.path().join("v.sock")).unwrap();
         let handle = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
@@ -131,7 +133,7 @@ mod tests {
 
     #[test]
     fn a_silent_vmm_times_out() {
-        let dir = tempdir::Dir::new();
+        let dir = TempDir::new("proto");
         let _listener = UnixListener::bind(dir.path().join("v.sock")).unwrap();
         let err = connect_hybrid_vsock_timeout(
             dir.path().join("v.sock"),
@@ -140,29 +142,5 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
-    }
-
-    /// A minimal temporary directory (no extra dev-dependency).
-    mod tempdir {
-        use std::path::{Path, PathBuf};
-        pub struct Dir(PathBuf);
-        impl Dir {
-            pub fn new() -> Dir {
-                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let p = std::env::temp_dir()
-                    .join(format!("moat-proto-test-{}-{n}", std::process::id()));
-                std::fs::create_dir_all(&p).unwrap();
-                Dir(p)
-            }
-            pub fn path(&self) -> &Path {
-                &self.0
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
     }
 }

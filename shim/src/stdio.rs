@@ -489,7 +489,7 @@ impl Drop for ProcessIo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rootfs::testutil::TempDir;
+    use moat_testutil::TempDir;
 
     fn mkfifo(path: &Path) -> io::Result<()> {
         nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))

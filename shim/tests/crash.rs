@@ -5,23 +5,14 @@
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-/// A fresh directory under /tmp, removed on drop.
-struct Bundle(PathBuf);
-
-impl Drop for Bundle {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use moat_testutil::TempDir;
 
 #[test]
 fn daemon_panic_reaches_containerds_log() {
-    let bundle = Bundle(std::env::temp_dir().join(format!("moat-crash-{}", std::process::id())));
-    std::fs::create_dir_all(&bundle.0).unwrap();
-    let fifo = bundle.0.join("log");
+    let bundle = TempDir::new("crash");
+    let fifo = bundle.join("log");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
     // Open for reading first, as containerd does, so the daemon's open
     // does not block.
@@ -30,9 +21,9 @@ fn daemon_panic_reaches_containerds_log() {
         .custom_flags(libc::O_NONBLOCK)
         .open(&fifo)
         .unwrap();
-    let socket = bundle.0.join("s.sock");
+    let socket = bundle.join("s.sock");
     let status = Command::new(env!("CARGO_BIN_EXE_containerd-shim-moat-v1"))
-        .current_dir(&bundle.0)
+        .current_dir(bundle.path())
         .args([
             "-namespace",
             "crash",

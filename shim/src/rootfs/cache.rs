@@ -209,7 +209,7 @@ pub fn build_erofs(dir: &Path, out: &Path) -> Result<(), RootfsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rootfs::testutil::TempDir;
+    use moat_testutil::TempDir;
     use std::sync::Arc;
 
     fn layer(root: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {

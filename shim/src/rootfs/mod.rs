@@ -381,39 +381,9 @@ mod mount_option_tests {
 }
 
 #[cfg(test)]
-pub(crate) mod testutil {
-    use std::path::{Path, PathBuf};
-
-    /// A temporary directory removed on drop (no extra dependency).
-    pub struct TempDir(PathBuf);
-
-    impl TempDir {
-        pub fn new(tag: &str) -> TempDir {
-            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let p =
-                std::env::temp_dir().join(format!("moat-shim-{tag}-{}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).unwrap();
-            TempDir(p)
-        }
-
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::testutil::TempDir;
     use super::*;
+    use moat_testutil::TempDir;
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 
     fn m(kind: &str, source: &str, options: &[&str]) -> MountSpec {

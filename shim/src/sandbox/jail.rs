@@ -49,7 +49,7 @@ pub fn claim(state_dir: &Path, sandbox_dir: &Path, base: u32) -> io::Result<Jail
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rootfs::testutil::TempDir;
+    use moat_testutil::TempDir;
 
     #[test]
     fn claims_are_unique_and_end_with_the_sandbox_directory() {

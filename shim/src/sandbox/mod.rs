@@ -564,7 +564,7 @@ fn connect_agent(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rootfs::testutil::TempDir;
+    use moat_testutil::TempDir;
 
     fn cfg(dir: &Path) -> Config {
         Config {

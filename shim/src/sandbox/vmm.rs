@@ -187,7 +187,7 @@ impl Vmm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rootfs::testutil::TempDir;
+    use moat_testutil::TempDir;
     use std::io::Write;
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixListener;
