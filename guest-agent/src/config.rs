@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use moat_protocol::AGENT_PORT_PARAM;
+
 use crate::transport::Listen;
 
 /// Turns glibc's AVX code paths off (see shared/guest-kernel/README.md).
@@ -74,8 +76,10 @@ impl Config {
     pub fn apply_cmdline(&mut self, cmdline: &str) -> Result<(), String> {
         for word in cmdline.split_whitespace() {
             match word.split_once('=') {
-                Some(("moat.port", v)) => {
-                    self.port = v.parse().map_err(|_| format!("bad moat.port {v:?}"))?
+                Some((AGENT_PORT_PARAM, v)) => {
+                    self.port = v
+                        .parse()
+                        .map_err(|_| format!("bad {AGENT_PORT_PARAM} {v:?}"))?
                 }
                 Some(("moat.verbose", v)) => self.verbose = v != "0",
                 Some((moat_protocol::PIDS_LIMIT_PARAM, v)) => {

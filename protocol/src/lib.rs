@@ -43,8 +43,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The oldest peer version this build can still talk to.
 pub const MIN_COMPATIBLE_VERSION: u32 = 1;
 
-/// Guest vsock port of the agent's ttrpc server (override: `moat.port=`).
+/// Guest vsock port of the agent's ttrpc server (override:
+/// [`AGENT_PORT_PARAM`]).
 pub const DEFAULT_AGENT_PORT: u32 = 1024;
+/// Kernel command line parameter: the agent's port (`moat.port=N`).
+pub const AGENT_PORT_PARAM: &str = "moat.port";
 /// Guest vsock port for stdio streams: always the agent port + 1.
 pub const STDIO_PORT_OFFSET: u32 = 1;
 /// Guest vsock port for stdio streams with the default agent port.

@@ -424,7 +424,8 @@ fn log_boot(id: &str, vmm: &Vmm, agent: &AgentClient) {
 /// of showing Running over a dead kernel.
 pub fn guest_cmdline(cfg: &Config) -> String {
     let mut cmdline = format!(
-        "moat.port={} {}={} panic=-1",
+        "{}={} {}={} panic=-1",
+        moat_protocol::AGENT_PORT_PARAM,
         cfg.agent_port,
         moat_protocol::PIDS_LIMIT_PARAM,
         cfg.pids_limit
