@@ -193,8 +193,14 @@ fn tests_and_crash_have_no_module_cycle() {
 }
 
 #[test]
-fn shim_and_vmm_cycles_are_known() {
-    // Printed for the owners of these crates, who break them.
-    eprintln!("shim: {:?}", cycles("shim"));
+fn shim_and_vmm_api_have_no_module_cycle() {
+    assert_eq!(cycles("shim"), Vec::<Vec<String>>::new());
+    assert_eq!(cycles("vmm-api"), Vec::<Vec<String>>::new());
+}
+
+#[test]
+fn vmm_cycles_are_known() {
+    // Printed for the owner of moat-vmm's device workers, who breaks the
+    // devices::virtio::device <-> worker cycle; then this asserts too.
     eprintln!("vmm: {:?}", cycles("vmm"));
 }
