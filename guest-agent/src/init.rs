@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use moat_vmm_api::guest::{BOOT_TIMER_MAGIC, BOOT_TIMER_PORT};
 use nix::mount::MsFlags;
 
 use crate::error::{IoContext, Result};
@@ -91,12 +92,6 @@ pub fn mount_basics(sys: &dyn Syscall) -> Result<()> {
     }
     Ok(())
 }
-
-/// moat-vmm's boot timer (Firecracker's convention): the first write of
-/// this byte to this I/O port marks the guest as booted; the VMM logs the
-/// time since its own start. Must match `vmm/src/layout.rs`.
-const BOOT_TIMER_PORT: u64 = 0x3f0;
-const BOOT_TIMER_MAGIC: u8 = 123;
 
 /// Tells the VMM the guest is up and serving. Through /dev/port: guest user
 /// space has no I/O permission bitmap (CONFIG_X86_IOPL_IOPERM is off), and

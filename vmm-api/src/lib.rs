@@ -2,7 +2,8 @@
 //! benchmarks, the tests): what a VM is made of ([`VmConfig`]), the limits
 //! a configuration must stay within ([`limits`]) and the checks that
 //! enforce them, the bodies of the control API's requests and responses
-//! ([`api`]), and a client for that API ([`ApiClient`]).
+//! ([`api`]), a client for that API ([`ApiClient`]), and what the guest
+//! itself tells the VMM ([`guest`]).
 //!
 //! moat-vmm reads exactly these types, so a configuration that passes
 //! [`VmConfig::check_limits`] here is one the VMM accepts (files and host
@@ -17,6 +18,7 @@ pub mod api;
 mod cli;
 pub mod client;
 pub mod config;
+pub mod guest;
 pub mod limits;
 
 pub use api::{BlockRequest, ErrorBody, ShutdownRequest, VmInfo, VmState};

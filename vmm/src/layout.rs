@@ -53,11 +53,7 @@ pub const SERIAL_PORT: u64 = 0x3f8;
 pub const SERIAL_IRQ: u32 = 4;
 /// i8042 controller data and command ports.
 pub const I8042_PORT: u64 = 0x60;
-/// Boot-timer port: the guest writes [`BOOT_TIMER_MAGIC`] once booted
-/// (Firecracker's convention).
-pub const BOOT_TIMER_PORT: u64 = 0x3f0;
-/// The byte the guest writes to [`BOOT_TIMER_PORT`] when it has booted.
-pub const BOOT_TIMER_MAGIC: u8 = 123;
+pub use moat_vmm_api::guest::{BOOT_TIMER_MAGIC, BOOT_TIMER_PORT};
 /// Where KVM keeps its TSS (three pages, inside the MMIO gap, so no RAM).
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// Where KVM keeps its identity-map page table, the page below the TSS.
