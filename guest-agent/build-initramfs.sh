@@ -16,10 +16,11 @@ if command -v file >/dev/null && ! file "$agent" | grep -Eq "statically linked|s
     echo "build-initramfs: $agent is not statically linked" >&2
     exit 1
 fi
-# Test code must not ship: the scenarios are a dev-dependency only, and
-# any of their code in the agent would name their crate in its symbols.
-if grep -q moat_agent_scenarios "$agent"; then
-    echo "build-initramfs: $agent contains test code (moat_agent_scenarios)" >&2
+# Test code must not ship: the scenarios are a dev-dependency only (any of
+# their code in the agent would name their crate in its symbols), and the
+# crash points (MOAT_CRASH_AT) exist in debug builds only.
+if grep -qE 'moat_agent_scenarios|MOAT_CRASH_AT' "$agent"; then
+    echo "build-initramfs: $agent contains test code (scenarios or crash points)" >&2
     exit 1
 fi
 if [ "${1:-}" = --agent ]; then
