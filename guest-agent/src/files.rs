@@ -157,6 +157,8 @@ pub fn copy_file(shared: &Path, req: &CopyFileRequest) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use moat_testutil::TempDir;
+
     use super::*;
 
     fn req(path: &str) -> CopyFileRequest {
@@ -169,8 +171,8 @@ mod tests {
 
     #[test]
     fn copies_and_removals_stay_beneath_the_shared_dir() {
-        let t = std::env::temp_dir().join(format!("moat-files-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&t);
+        let tmp = TempDir::new("files");
+        let t = tmp.path();
         let shared = t.join("shared");
         let outside = t.join("outside");
         std::fs::create_dir_all(&outside).unwrap();
@@ -213,6 +215,5 @@ mod tests {
         let mut odd = req("c1/m0");
         (odd.remove, odd.directory) = (true, true);
         assert!(copy_file(&shared, &odd).is_err());
-        let _ = std::fs::remove_dir_all(&t);
     }
 }

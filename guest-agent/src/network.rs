@@ -408,6 +408,7 @@ pub fn set_network(
 mod tests {
     use super::*;
     use moat_protocol::agent::HostEntry;
+    use moat_testutil::TempDir;
 
     #[test]
     fn cidr_parsing() {
@@ -448,11 +449,11 @@ mod tests {
 
     #[test]
     fn mac_lookup() {
-        let dir = std::env::temp_dir().join(format!("moat-net-{}", std::process::id()));
+        let tmp = TempDir::new("net");
+        let dir = tmp.path();
         fs::create_dir_all(dir.join("eth0")).unwrap();
         fs::write(dir.join("eth0/address"), "AA:bb:cc:dd:ee:ff\n").unwrap();
-        assert_eq!(find_by_mac(&dir, "aa:BB:cc:dd:ee:ff").unwrap(), "eth0");
-        assert!(find_by_mac(&dir, "00:00:00:00:00:01").is_err());
-        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(find_by_mac(dir, "aa:BB:cc:dd:ee:ff").unwrap(), "eth0");
+        assert!(find_by_mac(dir, "00:00:00:00:00:01").is_err());
     }
 }

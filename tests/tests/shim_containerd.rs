@@ -13,6 +13,7 @@ use containerd_shim_protos::shim::shim::{ConnectRequest, DeleteResponse, Shutdow
 use containerd_shim_protos::ttrpc;
 use containerd_shim_protos::types::introspection::RuntimeInfo;
 use moat_tests::*;
+use moat_testutil::TempDir;
 
 fn setup(tag: &str, kernel: PathBuf, initramfs: PathBuf, extra: &str) -> Option<Containerd> {
     setup_vmm(tag, kernel, initramfs, None, extra)
@@ -176,8 +177,8 @@ fn write_script(path: &Path, body: &str) {
 
 #[test]
 fn vm_that_does_not_boot_fails_within_the_timeout() {
-    let dir = PathBuf::from(format!("/tmp/mt-fake-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new("fake");
+    let dir = tmp.path();
     let kernel = dir.join("vmlinux");
     let initramfs = dir.join("initramfs.cpio");
     fs::write(&kernel, b"not a kernel").unwrap();
@@ -216,14 +217,12 @@ fn vm_that_does_not_boot_fails_within_the_timeout() {
         !Path::new(&format!("/proc/{}", pid.trim())).exists(),
         "the hanging VMM was not killed"
     );
-    drop(c);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn real_vmm_refusing_a_bad_kernel_is_reported() {
-    let dir = PathBuf::from(format!("/tmp/mt-kernelfile-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new("kernelfile");
+    let dir = tmp.path();
     let kernel = dir.join("vmlinux");
     let initramfs = dir.join("initramfs.cpio");
     fs::write(&kernel, b"not a kernel at all").unwrap();
@@ -246,8 +245,6 @@ fn real_vmm_refusing_a_bad_kernel_is_reported() {
         text(&o)
     );
     c.assert_no_leaks();
-    drop(c);
-    let _ = fs::remove_dir_all(&dir);
 }
 
 fn shim() -> PathBuf {

@@ -45,13 +45,13 @@ mod tests {
 
     #[test]
     fn detects_from_loaded_modules() {
-        let dir = std::env::temp_dir().join(format!("moat-host-{}", std::process::id()));
+        let tmp = moat_testutil::TempDir::new("host");
+        let dir = tmp.path();
         std::fs::create_dir_all(dir.join("kvm")).unwrap();
-        assert_eq!(HostKind::detect_in(&dir), HostKind::Hardware);
+        assert_eq!(HostKind::detect_in(dir), HostKind::Hardware);
         std::fs::create_dir_all(dir.join("kvm_pvm")).unwrap();
-        assert_eq!(HostKind::detect_in(&dir), HostKind::Pvm);
+        assert_eq!(HostKind::detect_in(dir), HostKind::Pvm);
         std::fs::create_dir_all(dir.join("kvm_intel")).unwrap();
-        assert_eq!(HostKind::detect_in(&dir), HostKind::Hardware);
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(HostKind::detect_in(dir), HostKind::Hardware);
     }
 }

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use moat_testutil::TempDir;
+
 fn skip(why: &str) {
     eprintln!("\n*** SKIPPED linux_boot: {why} ***\n");
 }
@@ -86,10 +88,9 @@ fn linux_guest_boots_and_uses_every_device() {
     if unsafe { libc::geteuid() } != 0 {
         return skip("needs root for taps and network namespaces");
     }
-    let dir = std::env::temp_dir().join(format!("moat-linux-boot-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let initramfs = build_initramfs(&dir);
+    let tmp = TempDir::new("linux-boot");
+    let dir = tmp.path();
+    let initramfs = build_initramfs(dir);
 
     let disk = dir.join("disk.img");
     let mut image = vec![0u8; 1 << 20];
@@ -169,5 +170,4 @@ fn linux_guest_boots_and_uses_every_device() {
     assert_eq!(&image[512..528], b"GUEST-WROTE-THIS");
     assert!(!uds.exists(), "vsock socket left behind");
     drop(ns);
-    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -229,10 +229,10 @@ mod tests {
     #[test]
     fn rejects_a_file_that_is_no_kernel() {
         let mem = GuestMemory::from_ranges(&memory_regions(64 << 20)).unwrap();
-        let dir = std::env::temp_dir().join(format!("moat-boot-test-{}", std::process::id()));
-        std::fs::write(&dir, b"#!/bin/sh\necho not a kernel\n").unwrap();
-        let err = load_kernel(&mem, &dir).err().unwrap();
-        std::fs::remove_file(&dir).unwrap();
+        let dir = moat_testutil::TempDir::new("boot");
+        let file = dir.join("not-a-kernel");
+        std::fs::write(&file, b"#!/bin/sh\necho not a kernel\n").unwrap();
+        let err = load_kernel(&mem, &file).err().unwrap();
         assert!(err.to_string().contains("neither"), "{err}");
     }
 
