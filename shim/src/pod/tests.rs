@@ -9,8 +9,8 @@ use super::fake::{Behaviour, FakeLauncher, FakeVm};
 use super::*;
 use crate::config::UpperKind;
 use crate::events::recorder::Recorder;
-use crate::rootfs::testutil::TempDir;
 use crate::stdio::StdioSpec;
+use moat_testutil::TempDir;
 
 /// A pod on fake VMs, with its events recorded.
 pub struct Harness {
