@@ -8,24 +8,36 @@ use moat_vmm_api::limits::MAX_API_REQUEST_BODY as MAX_BODY_BYTES;
 /// Bounds on what a client may send, so a bad client cannot grow our memory.
 const MAX_HEADER_BYTES: usize = 8 * 1024;
 
+/// One parsed request; the body is at most the API's body limit.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Request {
+    /// The method, as sent (`GET`, `PUT`...).
     pub method: String,
+    /// The request target, e.g. `/vm/pause`; not decoded.
     pub path: String,
+    /// Exactly Content-Length bytes; empty when the header is absent.
     pub body: Vec<u8>,
+    /// Whether the client wants the connection kept for another request: by
+    /// default for HTTP/1.1, never after `Connection: close`.
     pub keep_alive: bool,
 }
 
+/// Why no request could be read.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
+    /// The peer closed the connection before a request line.
     #[error("Connection closed")]
     Closed,
+    /// The request breaks the subset of HTTP/1.1 we speak (the reason says how).
     #[error("Malformed request: {0}")]
     Malformed(&'static str),
+    /// The request line and headers exceed `MAX_HEADER_BYTES`.
     #[error("Request headers are larger than {MAX_HEADER_BYTES} bytes")]
     HeadersTooLarge,
+    /// Content-Length is above the API's body limit.
     #[error("Request body is larger than {MAX_BODY_BYTES} bytes")]
     BodyTooLarge,
+    /// Reading the socket failed, or it closed before the whole body came.
     #[error("Cannot read the request")]
     Io(#[from] std::io::Error),
 }
@@ -95,6 +107,7 @@ pub fn read_request<R: Read>(reader: &mut BufReader<R>) -> Result<Request, HttpE
     })
 }
 
+/// Writes one response: `status`, its reason phrase and `body` as JSON.
 pub fn write_response<W: Write>(
     out: &mut W,
     status: u16,

@@ -24,23 +24,33 @@ use http::{read_request, write_response, HttpError, Request};
 
 /// What the API can do to the running VM.
 pub trait VmControl: Send + Sync {
+    /// The VM's run state and boot time, for `GET /vm`.
     fn state(&self) -> VmInfo;
+    /// Stops every vCPU until [`VmControl::resume`].
     fn pause(&self) -> Result<(), ApiError>;
+    /// Lets paused vCPUs run again.
     fn resume(&self) -> Result<(), ApiError>;
     /// Asks the guest to stop, then stops it hard after `timeout`.
     fn shutdown(&self, timeout: Duration) -> Result<(), ApiError>;
+    /// Swaps the backing file of block device `id` while the guest runs; the
+    /// guest learns the new capacity from a config-change interrupt.
     fn replace_block(&self, id: &str, source: BlockSource, read_only: bool)
         -> Result<(), ApiError>;
 }
 
+/// Why an API call failed; each variant maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    /// The request is malformed or asks for something invalid (400).
     #[error("{0}")]
     BadRequest(String),
+    /// The request names a device or path that does not exist (404).
     #[error("{0}")]
     NotFound(String),
+    /// The request does not fit the VM's current state (409).
     #[error("{0}")]
     Conflict(String),
+    /// The VMM failed to do what was asked (500).
     #[error("{0}")]
     Internal(String),
 }
@@ -56,10 +66,13 @@ impl ApiError {
     }
 }
 
+/// Why the API server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// Binding the unix socket at the path failed.
     #[error("Cannot bind the API socket {0}")]
     Bind(PathBuf, #[source] std::io::Error),
+    /// Creating the stop eventfd or the thread failed.
     #[error("Cannot start the API thread")]
     Spawn(#[source] std::io::Error),
 }
@@ -188,6 +201,8 @@ impl ApiServer {
         UnixListener::bind(path).map_err(|e| ServerError::Bind(path.to_owned(), e))
     }
 
+    /// Starts the API thread on `listener` (from [`ApiServer::bind`]); the
+    /// thread installs `seccomp`, when given, before it serves.
     pub fn start(
         path: &Path,
         listener: UnixListener,

@@ -15,12 +15,25 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// Why a device could not be put on a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
+    /// The range overlaps one already on the bus.
     #[error("Range {base:#x}+{len:#x} overlaps a device already on the bus")]
-    Overlap { base: u64, len: u64 },
+    Overlap {
+        /// First address of the range.
+        base: u64,
+        /// Length of the range.
+        len: u64,
+    },
+    /// The range is empty, or runs past the end of the address space.
     #[error("Range {base:#x}+{len:#x} is empty or wraps the address space")]
-    InvalidRange { base: u64, len: u64 },
+    InvalidRange {
+        /// First address of the range.
+        base: u64,
+        /// Length of the range.
+        len: u64,
+    },
 }
 
 #[derive(Clone)]
@@ -36,10 +49,13 @@ pub struct Bus {
 }
 
 impl Bus {
+    /// An empty bus.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Puts `device` at `base..base + len`; accesses there reach it with the
+    /// offset from `base`.
     pub fn insert(
         &mut self,
         device: Arc<Mutex<dyn BusDevice>>,

@@ -1,6 +1,7 @@
 //! Boot timer: the guest writes [`BOOT_TIMER_MAGIC`] to
-//! [`BOOT_TIMER_PORT`] once it is up (the agent does, before serving), and
-//! the VMM logs the time since its own start, as Firecracker does.
+//! [`BOOT_TIMER_PORT`](crate::layout::BOOT_TIMER_PORT) once it is up (the
+//! agent does, before serving), and the VMM logs the time since its own
+//! start, as Firecracker does.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -8,6 +9,7 @@ use std::time::Instant;
 use crate::devices::BusDevice;
 use crate::layout::BOOT_TIMER_MAGIC;
 
+/// The boot timer device, one port wide.
 pub struct BootTimer {
     start: Instant,
     /// Microseconds from VMM start to the first magic write.
@@ -15,6 +17,7 @@ pub struct BootTimer {
 }
 
 impl BootTimer {
+    /// A timer that measures from `start`, the VMM's own start.
     pub fn new(start: Instant) -> Self {
         Self {
             start,

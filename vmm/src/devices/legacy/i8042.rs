@@ -26,6 +26,8 @@ const CTRL_ALT_DEL: [u8; 12] = [
     0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14, 0x00,
 ];
 
+/// The i8042 controller: data port at offset 0, command/status port at offset 4
+/// (ports 0x60 and 0x64).
 pub struct I8042 {
     reset: EventFd,
     irq: EventFd,

@@ -23,6 +23,7 @@ pub struct SerialDevice {
 }
 
 impl SerialDevice {
+    /// A 16550 UART that raises `irq` and writes what the guest sends to `out`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
         Self {
             serial: Serial::new(EventFdTrigger(irq), out),
