@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// Interrupt status bits of the virtio-mmio InterruptStatus register.
 pub const INT_USED_RING: u32 = 1;
+/// The device's configuration space changed (or it needs a reset).
 pub const INT_CONFIG_CHANGE: u32 = 2;
 
 /// `VIRTIO_F_VERSION_1`: moat only speaks modern virtio.
@@ -45,6 +46,8 @@ pub struct Interrupt {
 }
 
 impl Interrupt {
+    /// An interrupt that sets bits of `status`, the transport's
+    /// InterruptStatus, and signals `irqfd`.
     pub fn new(status: Arc<AtomicU32>, irqfd: EventFd) -> Self {
         Self {
             status,
@@ -54,14 +57,18 @@ impl Interrupt {
         }
     }
 
+    /// The ConfigGeneration register's value.
     pub fn config_generation(&self) -> u32 {
         self.config_generation.load(Ordering::SeqCst)
     }
 
+    /// Tells the driver that a used ring has new entries.
     pub fn signal_used_queue(&self) -> io::Result<()> {
         self.signal(INT_USED_RING)
     }
 
+    /// Tells the driver that the configuration space changed, after bumping the
+    /// ConfigGeneration.
     pub fn signal_config_change(&self) -> io::Result<()> {
         self.config_generation.fetch_add(1, Ordering::SeqCst);
         self.signal(INT_CONFIG_CHANGE)
@@ -96,12 +103,21 @@ impl Interrupt {
     }
 }
 
+/// Why a device could not start at DRIVER_OK.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
+    /// The driver configured another number of queues than the device has.
     #[error("Expected {expected} queues, the driver configured {got}")]
-    QueueCount { expected: usize, got: usize },
+    QueueCount {
+        /// The device's number of queues.
+        expected: usize,
+        /// The number the driver configured.
+        got: usize,
+    },
+    /// The worker thread could not be spawned.
     #[error("Cannot start the device worker thread")]
     Thread(#[source] io::Error),
+    /// The device's host side (tap, sockets, epoll) could not be set up.
     #[error("Cannot set up the device backend")]
     Backend(#[source] io::Error),
 }
@@ -133,7 +149,9 @@ pub fn take_queues<const N: usize>(
 /// One queue handed over at activation, with the eventfd KVM signals when
 /// the guest writes the queue's index to QUEUE_NOTIFY.
 pub struct ActivatedQueue {
+    /// The queue as the driver configured it.
     pub queue: Queue,
+    /// Becomes readable when the guest notifies the queue.
     pub notify: EventFd,
 }
 

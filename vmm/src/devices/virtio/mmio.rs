@@ -41,10 +41,15 @@ pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
 
 /// Device status bits.
 pub const STATUS_ACKNOWLEDGE: u32 = 0x01;
+/// The guest found a driver for the device.
 pub const STATUS_DRIVER: u32 = 0x02;
+/// The driver is ready: the device starts.
 pub const STATUS_DRIVER_OK: u32 = 0x04;
+/// The driver accepted the features it wrote; they can no longer change.
 pub const STATUS_FEATURES_OK: u32 = 0x08;
+/// Set by the device: it hit an error and needs a reset.
 pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
+/// Set by the driver: it gave up on the device.
 pub const STATUS_FAILED: u32 = 0x80;
 
 // Register offsets.
@@ -92,18 +97,25 @@ macro_rules! guest_warn {
 /// Why DRIVER_OK did not start the device.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivationError {
+    /// A queue that is not ready comes before a ready one; holds its index.
     #[error("Queue {0} is not ready but a later one is")]
     QueueNotReady(usize),
+    /// The driver's settings of a queue are invalid.
     #[error("Queue {index} is misconfigured")]
     QueueConfig {
+        /// The queue's index.
         index: usize,
+        /// What `virtio_queue` found wrong.
         #[source]
         source: virtio_queue::Error,
     },
+    /// A queue's rings lie outside guest memory; holds its index.
     #[error("Queue {0} does not lie in guest memory")]
     QueueMemory(usize),
+    /// A queue's notify eventfd could not be duplicated for the device; holds its index.
     #[error("Cannot duplicate the notify eventfd of queue {0}")]
     NotifyFd(usize, #[source] io::Error),
+    /// The device's own activation failed.
     #[error("The device refused to start")]
     Device(#[source] ActivateError),
 }
@@ -227,10 +239,12 @@ impl MmioTransport {
         &self.queue_evts
     }
 
+    /// The device behind this transport.
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
     }
 
+    /// The device behind this transport, mutably.
     pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
         self.device.as_mut()
     }

@@ -13,13 +13,16 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::{ActivatedQueue, GuestMemory, Interrupt};
 
+/// `VRING_DESC_F_NEXT`: the chain goes on at the `next` descriptor.
 pub const VRING_DESC_F_NEXT: u16 = 1;
+/// `VRING_DESC_F_WRITE`: the device writes this buffer.
 pub const VRING_DESC_F_WRITE: u16 = 2;
 
 /// Guest memory size for tests; buffers are bump-allocated from 1 MiB up.
 pub const MEM_SIZE: usize = 32 << 20;
 const BUF_START: u64 = 0x10_0000;
 
+/// Fresh guest memory of [`MEM_SIZE`] bytes at address 0.
 pub fn guest_memory() -> GuestMemory {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
@@ -27,8 +30,11 @@ pub fn guest_memory() -> GuestMemory {
 /// One descriptor of a chain to build: buffer address, length, device-writable.
 #[derive(Clone, Copy)]
 pub struct Desc {
+    /// Guest physical address of the buffer.
     pub addr: u64,
+    /// Length of the buffer in bytes.
     pub len: u32,
+    /// Whether the device may write it (VRING_DESC_F_WRITE).
     pub write: bool,
 }
 
@@ -44,6 +50,7 @@ pub struct TestQueue {
     used_seen: u16,
     next_buf: u64,
     buf_end: u64,
+    /// The queue's notify eventfd; tests write it to kick the device.
     pub notify: EventFd,
 }
 
@@ -185,6 +192,7 @@ impl TestQueue {
         }
     }
 
+    /// Reads `len` bytes of guest memory at `addr`.
     pub fn read(&self, addr: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0u8; len];
         self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();

@@ -79,6 +79,7 @@ pub enum RingError {
     Used {
         /// Head index of the chain.
         head: u16,
+        /// What `virtio_queue` reported.
         #[source]
         source: virtio_queue::Error,
     },
@@ -92,7 +93,7 @@ pub enum RingError {
 /// event and after each batch.
 pub trait DeviceWorker: Send + 'static {
     /// The epoll set of the worker's fds; it may add and remove fds as it
-    /// goes. [`KILL_TOKEN`] is the loop's own.
+    /// goes. The loop keeps the largest token for its kill eventfd.
     fn epoll(&self) -> &Epoll;
     /// Handles one event of an fd registered under `token`. It must drain
     /// the fd (read the eventfd) or take it out of the set.

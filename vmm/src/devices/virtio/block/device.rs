@@ -27,30 +27,45 @@ use crate::devices::virtio::worker::{
     drain_queue, epoll_on, notify_used, DeviceState, DeviceWorker, RingError, ANY_CHAIN_LEN,
 };
 
+/// Why a block device could not be set up, or its backing file replaced.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
+    /// The backing file cannot be opened.
     #[error("Cannot open the backing file {} of block device {id}", path.display())]
     Open {
+        /// The device's id in the VM configuration.
         id: String,
+        /// The backing file's path.
         path: PathBuf,
+        /// The error of the open.
         #[source]
         source: io::Error,
     },
+    /// The size of the backing file cannot be read.
     #[error("Cannot get the size of {what}, the backing file of block device {id}")]
     Size {
+        /// The device's id in the VM configuration.
         id: String,
+        /// The backing file, as a path or a descriptor number.
         what: String,
+        /// The error of the seek to its end.
         #[source]
         source: io::Error,
     },
+    /// A descriptor passed for a writable device is open read-only; holds the
+    /// device's id.
     #[error("The file descriptor given for block device {0} is open read-only, but the device is writable")]
     ReadOnlyDescriptor(String),
+    /// The access mode of a passed descriptor cannot be read.
     #[error("Cannot read the flags of the file descriptor given for block device {id}")]
     DescriptorFlags {
+        /// The device's id in the VM configuration.
         id: String,
+        /// The error of `fcntl(F_GETFL)`.
         #[source]
         source: io::Error,
     },
+    /// The device's id does not fit the GET_ID answer; holds the id.
     #[error("Serial of block device {0} is longer than {VIRTIO_BLK_ID_BYTES} bytes")]
     SerialTooLong(String),
 }
@@ -159,6 +174,7 @@ pub struct BlockHandle {
 }
 
 impl BlockHandle {
+    /// The device's id in the VM configuration.
     pub fn id(&self) -> &str {
         &self.shared.id
     }
@@ -235,6 +251,7 @@ impl Block {
         })
     }
 
+    /// The device's id in the VM configuration.
     pub fn id(&self) -> &str {
         &self.shared.id
     }

@@ -23,17 +23,23 @@ pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 
 /// Request types.
 pub const VIRTIO_BLK_T_IN: u32 = 0;
+/// `VIRTIO_BLK_T_OUT`: write to the disk.
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
+/// `VIRTIO_BLK_T_FLUSH`: make earlier writes durable.
 pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+/// `VIRTIO_BLK_T_GET_ID`: read the device's id string.
 pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
 
 /// Request status bytes.
 pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// `VIRTIO_BLK_S_IOERR`: the request failed.
 pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+/// `VIRTIO_BLK_S_UNSUPP`: unknown request type.
 pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 /// Sector size of the virtio-blk protocol, whatever the host's.
 pub const SECTOR_SIZE: u64 = 512;
+/// log2 of [`SECTOR_SIZE`]: a sector number shifted left by this is a byte offset.
 pub const SECTOR_SHIFT: u32 = 9;
 /// Length of the ID string GET_ID returns (zero-padded).
 pub const VIRTIO_BLK_ID_BYTES: usize = 20;

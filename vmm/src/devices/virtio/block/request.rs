@@ -38,6 +38,7 @@ pub struct Backing {
     pub file: Option<Arc<File>>,
     /// Capacity in 512-byte sectors.
     pub sectors: u64,
+    /// The device is read-only: writes fail with IOERR.
     pub read_only: bool,
 }
 

@@ -33,25 +33,33 @@ pub enum TapSource {
     Fd(RawFd),
 }
 
+/// What a network device is built from.
 #[derive(Debug, Clone)]
 pub struct NetConfig {
     /// Device id from the VM configuration, for logs and thread names.
     pub id: String,
+    /// The tap that carries the guest's frames.
     pub tap: TapSource,
     /// Guest MAC address; a random locally administered one when absent.
     pub mac: Option<[u8; 6]>,
 }
 
+/// Why a network device could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
+    /// The tap cannot be opened or configured.
     #[error("Cannot open the tap of network device {id}")]
     Tap {
+        /// The device's id in the VM configuration.
         id: String,
+        /// What went wrong with the tap.
         #[source]
         source: TapError,
     },
+    /// The configured MAC has the multicast bit set; holds the device's id.
     #[error("MAC address of network device {0} is a multicast address")]
     MulticastMac(String),
+    /// No random bytes for a MAC address.
     #[error("Cannot generate a random MAC address")]
     RandomMac(#[source] io::Error),
 }
@@ -59,11 +67,15 @@ pub enum NetError {
 /// Counters of the device's traffic, shared with its worker.
 #[derive(Debug, Default)]
 pub struct NetMetrics {
+    /// Frames written to the guest's rx queue.
     pub rx_frames: AtomicU64,
+    /// Bytes of those frames, vnet header excluded.
     pub rx_bytes: AtomicU64,
     /// Frames read from the tap that did not fit the guest's buffer.
     pub rx_dropped: AtomicU64,
+    /// Guest frames written to the tap.
     pub tx_frames: AtomicU64,
+    /// Bytes of those frames, vnet header excluded.
     pub tx_bytes: AtomicU64,
     /// Guest frames the tap rejected, or too short to be frames.
     pub tx_dropped: AtomicU64,
@@ -116,14 +128,17 @@ impl Net {
         })
     }
 
+    /// The device's id in the VM configuration.
     pub fn id(&self) -> &str {
         &self.id
     }
 
+    /// The MAC address the guest sees.
     pub fn mac(&self) -> [u8; 6] {
         self.mac
     }
 
+    /// The traffic counters, shared with the worker.
     pub fn metrics(&self) -> &Arc<NetMetrics> {
         &self.metrics
     }

@@ -23,7 +23,9 @@ pub const VNET_HDR_LEN: usize = 12;
 pub const MAX_FRAME_LEN: usize = VNET_HDR_LEN + 65535 + 14;
 /// Queue size of both queues.
 pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue (host to guest).
 pub const RX_INDEX: usize = 0;
+/// Index of the transmit queue (guest to host).
 pub const TX_INDEX: usize = 1;
 
 #[cfg(test)]

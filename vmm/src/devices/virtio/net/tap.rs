@@ -10,15 +10,22 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref, ioctl_with_val};
-use vmm_sys_util::{ioctl_ior_nr, ioctl_iow_nr};
 
 use super::VNET_HDR_LEN;
 
-const TUNTAP: u32 = b'T' as u32;
-ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, ::std::os::raw::c_int);
-ioctl_ior_nr!(TUNGETIFF, TUNTAP, 210, ::std::os::raw::c_uint);
-ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, ::std::os::raw::c_uint);
-ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, ::std::os::raw::c_int);
+/// The tun driver's ioctl requests (`linux/if_tun.h`). The macros make
+/// `pub fn`s; this private module keeps them out of the crate's API.
+mod ioctls {
+    use vmm_sys_util::{ioctl_ior_nr, ioctl_iow_nr};
+
+    const TUNTAP: u32 = b'T' as u32;
+    ioctl_iow_nr!(TUNSETIFF, TUNTAP, 202, ::std::os::raw::c_int);
+    ioctl_ior_nr!(TUNGETIFF, TUNTAP, 210, ::std::os::raw::c_uint);
+    ioctl_iow_nr!(TUNSETOFFLOAD, TUNTAP, 208, ::std::os::raw::c_uint);
+    ioctl_iow_nr!(TUNSETVNETHDRSZ, TUNTAP, 216, ::std::os::raw::c_int);
+}
+pub(crate) use ioctls::TUNSETIFF;
+use ioctls::{TUNGETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ};
 
 pub(crate) const IFF_TAP: i16 = 0x0002;
 pub(crate) const IFF_NO_PI: i16 = 0x1000;
@@ -48,34 +55,49 @@ impl IfReq {
     }
 }
 
+/// Why a tap could not be opened or configured.
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
+    /// The name is empty, too long for IFNAMSIZ, or not one a kernel interface can have.
     #[error("Tap name {0:?} is not a valid interface name")]
     InvalidName(String),
+    /// No interface of that name exists, or it is a tap that is not persistent.
     #[error("Tap device {0} does not exist (moat-vmm never creates taps)")]
     NotFound(String),
+    /// The interface exists but is not a tap.
     #[error("Network device {0} is not a tap device")]
     NotATap(String),
+    /// The tap's queue is attached to another process already.
     #[error("Tap device {0} is already attached to another process")]
     Busy(String),
+    /// `/dev/net/tun` cannot be opened.
     #[error("Cannot open /dev/net/tun")]
     OpenTun(#[source] io::Error),
+    /// TUNSETIFF on the named tap failed for another reason.
     #[error("Cannot attach to tap device {name}")]
     Attach {
+        /// The tap's interface name.
         name: String,
+        /// The error of TUNSETIFF.
         #[source]
         source: io::Error,
     },
+    /// An inherited descriptor number is not an open file.
     #[error("File descriptor {0} is not open")]
     BadFd(RawFd),
+    /// An inherited descriptor does not answer TUNGETIFF.
     #[error("File descriptor {fd} is not an attached tap")]
     NotTapFd {
+        /// The descriptor number.
         fd: RawFd,
+        /// The error of TUNGETIFF.
         #[source]
         source: io::Error,
     },
+    /// An inherited descriptor is not a tap with IFF_NO_PI and IFF_VNET_HDR.
     #[error("Tap file descriptor {0} must be a tap opened with IFF_NO_PI and IFF_VNET_HDR")]
     FdFlags(RawFd),
+    /// Setting the vnet header size or the offloads failed.
     #[error("Cannot configure the tap's vnet header and offloads")]
     Configure(#[source] io::Error),
 }

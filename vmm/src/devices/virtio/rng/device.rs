@@ -26,6 +26,7 @@ pub struct Rng {
 }
 
 impl Rng {
+    /// A device not yet activated.
     pub fn new() -> Self {
         Self::default()
     }

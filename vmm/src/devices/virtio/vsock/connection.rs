@@ -35,15 +35,19 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Debug, PartialEq, Eq)]
 pub struct Reset;
 
+/// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
     /// Host-initiated: REQUEST sent or queued, waiting for the RESPONSE.
     HostConnecting {
+        /// When the connection is dropped if the guest has not answered.
         deadline: Instant,
     },
+    /// Data may flow both ways (until a side shuts down).
     Established,
     /// Both directions shut down from our side; waiting for the guest's RST.
     Closing {
+        /// When the connection is dropped with an RST if the guest has not sent one.
         deadline: Instant,
     },
 }
@@ -53,6 +57,7 @@ pub enum State {
 pub enum Emitted {
     /// A packet of this many bytes, header included.
     Packet(usize),
+    /// Nothing to send.
     Nothing,
 }
 
@@ -78,13 +83,18 @@ pub fn send_nosignal(stream: &UnixStream, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// One stream connection between a guest port and a host unix stream, with its
+/// credit accounting.
 pub struct Connection {
+    /// The host side of the connection.
     pub stream: UnixStream,
     /// Epoll token of `stream`.
     pub token: u64,
     /// Host side port (ours) and guest side port.
     pub local_port: u32,
+    /// The guest's port.
     pub peer_port: u32,
+    /// Where the connection is in its life.
     pub state: State,
     /// Events `stream` is registered for; `None` once deregistered.
     pub interest: Option<EventSet>,
@@ -283,6 +293,7 @@ impl Connection {
         }
     }
 
+    /// The guest asked for our credit: send a credit update.
     pub fn on_credit_request(&mut self) {
         self.credit_update_pending = true;
     }
@@ -307,6 +318,7 @@ impl Connection {
         }
     }
 
+    /// The host stream has data (or an EOF) to read.
     pub fn on_readable(&mut self) {
         self.host_readable = true;
     }

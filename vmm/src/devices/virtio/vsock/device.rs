@@ -30,15 +30,21 @@ use crate::devices::virtio::worker::{
 /// The longest tx chain: a header and the largest payload.
 const MAX_TX_CHAIN_LEN: u32 = (HDR_LEN + MAX_PAYLOAD) as u32;
 
+/// Why a vsock device could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
+    /// The guest CID is below 3 or above 2^32 - 2.
     #[error("Guest CID {0} is reserved or out of range (3 to 2^32 - 2)")]
     InvalidCid(u64),
+    /// The socket path is longer than a unix socket path may be.
     #[error("Socket path {0:?} is longer than {MAX_SOCKET_PATH} bytes")]
     PathTooLong(PathBuf),
+    /// The socket cannot be bound or made non-blocking.
     #[error("Cannot listen on {path:?}")]
     Bind {
+        /// The socket path.
         path: PathBuf,
+        /// The error of bind or fcntl.
         #[source]
         source: io::Error,
     },
@@ -87,10 +93,13 @@ impl Vsock {
         self.endpoint.connect_timeout = timeout;
     }
 
+    /// The guest's context ID.
     pub fn guest_cid(&self) -> u64 {
         self.endpoint.guest_cid
     }
 
+    /// Where host processes connect to reach the guest; guest connections to
+    /// port P go to `<uds_path>_P`.
     pub fn uds_path(&self) -> &Path {
         &self.endpoint.uds_path
     }

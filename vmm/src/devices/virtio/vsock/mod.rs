@@ -16,6 +16,9 @@ pub use device::{Vsock, VsockError};
 pub const TYPE_VSOCK: u32 = 19;
 /// Queue size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue (host to guest).
 pub const RX_INDEX: usize = 0;
+/// Index of the transmit queue (guest to host).
 pub const TX_INDEX: usize = 1;
+/// Index of the event queue (never used).
 pub const EVT_INDEX: usize = 2;

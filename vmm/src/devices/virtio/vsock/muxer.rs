@@ -58,13 +58,18 @@ struct PendingStream {
 /// muxer (the listener stays bound across guest driver resets).
 #[derive(Clone)]
 pub struct Endpoint {
+    /// The guest's context ID.
     pub guest_cid: u64,
+    /// The listening socket's path; guest connections to port P go to `<uds_path>_P`.
     pub uds_path: PathBuf,
+    /// Where host processes connect, then send `CONNECT <port>` and a newline.
     pub listener: Arc<UnixListener>,
     /// How long a guest may take to answer a host connection request.
     pub connect_timeout: Duration,
 }
 
+/// The connections of one activation: routes packets between the guest's queues
+/// and host unix streams, all polled on one epoll.
 pub struct Muxer {
     endpoint: Endpoint,
     epoll: Epoll,
@@ -131,6 +136,7 @@ fn parse_connect_line(line: &[u8]) -> Option<u32> {
 }
 
 impl Muxer {
+    /// A muxer that polls the endpoint's listener on `epoll`.
     pub fn new(endpoint: Endpoint, epoll: Epoll) -> io::Result<Self> {
         epoll.ctl(
             ControlOperation::Add,
@@ -151,6 +157,7 @@ impl Muxer {
         })
     }
 
+    /// The epoll of the listener and every stream, for the worker to wait on.
     pub fn epoll(&self) -> &Epoll {
         &self.epoll
     }

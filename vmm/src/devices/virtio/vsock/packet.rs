@@ -9,17 +9,26 @@ pub const HOST_CID: u64 = 2;
 /// `VIRTIO_VSOCK_TYPE_STREAM`, the only socket type served.
 pub const TYPE_STREAM: u16 = 1;
 
+/// `VIRTIO_VSOCK_OP_REQUEST`: open a connection.
 pub const OP_REQUEST: u16 = 1;
+/// `VIRTIO_VSOCK_OP_RESPONSE`: accept a connection.
 pub const OP_RESPONSE: u16 = 2;
+/// `VIRTIO_VSOCK_OP_RST`: refuse or end a connection at once.
 pub const OP_RST: u16 = 3;
+/// `VIRTIO_VSOCK_OP_SHUTDOWN`: a side stops receiving and/or sending; `flags` says which.
 pub const OP_SHUTDOWN: u16 = 4;
+/// `VIRTIO_VSOCK_OP_RW`: data, `len` bytes after the header.
 pub const OP_RW: u16 = 5;
+/// `VIRTIO_VSOCK_OP_CREDIT_UPDATE`: the sender's `buf_alloc` and `fwd_cnt`.
 pub const OP_CREDIT_UPDATE: u16 = 6;
+/// `VIRTIO_VSOCK_OP_CREDIT_REQUEST`: asks the peer for a credit update.
 pub const OP_CREDIT_REQUEST: u16 = 7;
 
 /// SHUTDOWN flags: the sender will receive / send no more data.
 pub const SHUTDOWN_RCV: u32 = 1;
+/// The sender will send no more data.
 pub const SHUTDOWN_SEND: u32 = 2;
+/// Both directions shut down.
 pub const SHUTDOWN_BOTH: u32 = SHUTDOWN_RCV | SHUTDOWN_SEND;
 
 /// Largest payload of one packet, either way (Linux's own limit).
@@ -28,15 +37,25 @@ pub const MAX_PAYLOAD: usize = 64 * 1024;
 /// A decoded packet header; all fields little-endian on the wire.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Header {
+    /// Context ID of the sender.
     pub src_cid: u64,
+    /// Context ID of the receiver.
     pub dst_cid: u64,
+    /// Port of the sender.
     pub src_port: u32,
+    /// Port of the receiver.
     pub dst_port: u32,
+    /// Payload length in bytes, after the header.
     pub len: u32,
+    /// Socket type; [`TYPE_STREAM`] is the only one served.
     pub type_: u16,
+    /// One of the `OP_*` operations.
     pub op: u16,
+    /// SHUTDOWN flags for [`OP_SHUTDOWN`]; zero otherwise.
     pub flags: u32,
+    /// Bytes of receive buffer the sender has for this connection.
     pub buf_alloc: u32,
+    /// Bytes the sender has received on this connection and passed on, wrapping.
     pub fwd_cnt: u32,
 }
 
@@ -57,6 +76,7 @@ fn u16_at(b: &[u8; HDR_LEN], at: usize) -> u16 {
 }
 
 impl Header {
+    /// Decodes a header from its wire form.
     pub fn from_bytes(b: &[u8; HDR_LEN]) -> Header {
         Header {
             src_cid: u64_at(b, 0),
@@ -72,6 +92,7 @@ impl Header {
         }
     }
 
+    /// Encodes the header in its wire form.
     pub fn to_bytes(&self) -> [u8; HDR_LEN] {
         let mut b = [0u8; HDR_LEN];
         b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
