@@ -27,27 +27,39 @@ use landlock::{
 
 use moat_vmm_api::JailConfig;
 
+/// Why privileges could not be dropped; the VMM then stops before the guest runs.
 #[derive(Debug, Error)]
 pub enum PrivilegeError {
+    /// `capset` to empty sets failed.
     #[error("Cannot clear the capability sets")]
     Capset(#[source] std::io::Error),
+    /// `PR_CAPBSET_DROP` failed for one capability.
     #[error("Cannot drop capability {cap} from the bounding set")]
     Bounding {
+        /// The capability's number (`CAP_*`).
         cap: u32,
+        /// The error of the prctl.
         #[source]
         source: std::io::Error,
     },
+    /// `unshare` of the jail's namespaces failed.
     #[error("Cannot enter new network, IPC and UTS namespaces")]
     Unshare(#[source] std::io::Error),
+    /// `PR_SET_DUMPABLE` to 0 failed.
     #[error("Cannot forbid core dumps")]
     NoDumps(#[source] std::io::Error),
+    /// The Landlock ruleset could not be built or enforced.
     #[error("Cannot restrict file access with Landlock")]
     Landlock(#[source] landlock::RulesetError),
+    /// The jail asks for Landlock and the kernel does not enforce it.
     #[error("This kernel has no Landlock; the jail needs it unless allow_no_landlock is set")]
     NoLandlock,
+    /// Switching to the jail's user or groups failed.
     #[error("Cannot switch to the jail's {what} (moat-vmm must start as root to use a jail)")]
     Credentials {
+        /// Which credential: supplementary groups, group or user.
         what: &'static str,
+        /// The error of the set*id call.
         #[source]
         source: std::io::Error,
     },

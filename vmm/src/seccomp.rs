@@ -26,14 +26,17 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
-use vmm_sys_util::ioctl_io_nr;
 
+/// Why a seccomp filter could not be built or installed.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
+    /// The rules of a thread kind's filter are invalid.
     #[error("Cannot build the {0:?} seccomp filter")]
     Build(ThreadKind, #[source] seccompiler::BackendError),
+    /// A thread kind's filter does not compile to BPF.
     #[error("Cannot compile the {0:?} seccomp filter")]
     Compile(ThreadKind, #[source] seccompiler::BackendError),
+    /// The kernel refused the filter.
     #[error("Cannot install a seccomp filter")]
     Apply(#[source] seccompiler::Error),
 }
@@ -79,7 +82,13 @@ impl ThreadKind {
     ];
 }
 
-ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+/// KVM's ioctl requests; a private module, as the macro makes a `pub fn`.
+mod ioctls {
+    use vmm_sys_util::ioctl_io_nr;
+
+    ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+}
+use ioctls::KVM_RUN;
 
 /// Memory, time, signals, logging: what any Rust thread needs. pread,
 /// pwrite and ftruncate serve log rotation (`logger.rs`), which happens on

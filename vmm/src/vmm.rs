@@ -29,40 +29,58 @@ use crate::seccomp::{self, ThreadKind};
 use crate::vstate::{ExitCode, Vcpus, Vm};
 use moat_vmm_api::{SerialOutput, VmConfig, VmInfo, VmState};
 
+/// Why the VMM could not build or start a VM; `main` exits with code 1 on any of them.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    /// The configuration is invalid or breaks a limit.
     #[error(transparent)]
     Config(#[from] moat_vmm_api::ConfigError),
+    /// The KVM VM or its memory could not be set up.
     #[error(transparent)]
     Vm(#[from] crate::vstate::VmError),
+    /// The kernel, initramfs or boot parameters could not be loaded.
     #[error(transparent)]
     Boot(#[from] boot::BootError),
+    /// The MP table could not be written to guest memory.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// The vCPU registers could not be set up.
     #[error(transparent)]
     Regs(#[from] crate::arch::regs::RegsError),
+    /// The vCPUs could not be created or started.
     #[error(transparent)]
     Vcpu(#[from] crate::vstate::VcpuError),
+    /// The control API could not start.
     #[error(transparent)]
     Api(#[from] crate::api::ServerError),
+    /// The seccomp filters could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] seccomp::SeccompError),
+    /// Privileges could not be dropped.
     #[error(transparent)]
     Privileges(#[from] crate::privileges::PrivilegeError),
+    /// A block device could not be set up; holds its id.
     #[error("Block device {0:?}")]
     Block(String, #[source] virtio::block::BlockError),
+    /// A network device could not be set up; holds its id.
     #[error("Net device {0:?}")]
     Net(String, #[source] virtio::net::NetError),
+    /// The vsock device could not be set up.
     #[error("vsock device")]
     Vsock(#[source] virtio::vsock::VsockError),
+    /// A virtio-mmio transport could not create its queue notify eventfds.
     #[error("Cannot set up the virtio-mmio transport")]
     Transport(#[source] std::io::Error),
+    /// The serial output file cannot be opened.
     #[error("Cannot open the serial output {0}")]
     SerialOutput(PathBuf, #[source] std::io::Error),
+    /// The log file cannot be given its size cap.
     #[error("Cannot cap the log file")]
     LogFile(#[source] std::io::Error),
+    /// An eventfd or the termination signalfd could not be created.
     #[error("Cannot create an eventfd or signalfd")]
     EventFd(#[source] std::io::Error),
+    /// A device's range could not be put on a bus.
     #[error(transparent)]
     Bus(#[from] crate::devices::BusError),
 }

@@ -22,10 +22,15 @@ use crate::devices::Bus;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(i32)]
 pub enum ExitCode {
+    /// The guest powered off or rebooted, or the API shut it down.
     Ok = 0,
+    /// Bad configuration, or setup failed before any guest code ran.
     SetupError = 1,
+    /// A vCPU failed: KVM_RUN error or unhandled exit.
     VcpuFailed = 2,
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
     TripleFault = 3,
+    /// An internal error after boot (event loop, device).
     Internal = 4,
     /// The guest kernel panicked and reset the machine (`reboot=panic_warm`).
     GuestPanic = 5,
@@ -47,18 +52,25 @@ impl ExitCode {
     }
 }
 
+/// Why the vCPUs could not be set up or started.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
+    /// KVM_CREATE_VCPU failed for this vCPU index.
     #[error("Cannot create vCPU {0}")]
     Create(u8, #[source] kvm_ioctls::Error),
+    /// KVM_GET_SUPPORTED_CPUID failed.
     #[error("Cannot read the host's supported CPUID")]
     Cpuid(#[source] kvm_ioctls::Error),
+    /// KVM_SET_CPUID2 failed for this vCPU index.
     #[error("Cannot set CPUID of vCPU {0}")]
     SetCpuid(u8, #[source] kvm_ioctls::Error),
+    /// The registers of this vCPU index could not be set.
     #[error("Cannot set up vCPU {0}")]
     Regs(u8, #[source] RegsError),
+    /// A vCPU thread could not be spawned.
     #[error("Cannot start a vCPU thread")]
     Spawn(#[source] std::io::Error),
+    /// The handler of the signal that kicks a vCPU out of KVM_RUN could not be installed.
     #[error("Cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
 }
@@ -85,6 +97,7 @@ impl VcpuControl {
         let _ = self.exit_evt.write(1);
     }
 
+    /// The first exit code requested, if any, as a process exit code.
     pub fn exit_code(&self) -> Option<i32> {
         match self.exit_code.load(Ordering::SeqCst) {
             -1 => None,
@@ -92,11 +105,13 @@ impl VcpuControl {
         }
     }
 
+    /// Signalled on every exit request; the main loop waits on it.
     pub fn exit_evt(&self) -> &EventFd {
         &self.exit_evt
     }
 }
 
+/// The vCPU threads of a VM, and the control they share.
 pub struct Vcpus {
     handles: Mutex<Vec<JoinHandle<()>>>,
     control: Arc<VcpuControl>,
@@ -195,6 +210,7 @@ impl Vcpus {
         Ok(vcpus)
     }
 
+    /// The state shared with the vCPU threads (exit requests).
     pub fn control(&self) -> &Arc<VcpuControl> {
         &self.control
     }
@@ -235,11 +251,14 @@ impl Vcpus {
         }
     }
 
+    /// Lets paused vCPUs run again.
     pub fn resume(&self) {
         *self.control.pause.lock().unwrap() = false;
         self.control.resumed.notify_all();
     }
 
+    /// Whether a pause is in force (set by [`Vcpus::pause`], cleared by
+    /// [`Vcpus::resume`]).
     pub fn is_paused(&self) -> bool {
         *self.control.pause.lock().unwrap()
     }
