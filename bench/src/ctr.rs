@@ -707,6 +707,8 @@ pub fn remove_container(ctr: impl Fn() -> Command, id: &str) -> Vec<String> {
             .and_then(|f| f.ok("ctr task rm"))
         {
             Ok(_) => break,
+            // No task (it never started): nothing to wait for.
+            Err(e) if e.contains("not found") => break,
             Err(e) if Instant::now() > end => {
                 cleanup.push(e);
                 break;

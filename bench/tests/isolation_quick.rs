@@ -172,7 +172,8 @@ fn quick_mode_writes_a_valid_report() {
     fs::write(
         &config,
         format!(
-            "kernel = \"{}\"\ninitramfs = \"{}\"\nvmm = \"{}\"\nstate_dir = \"{d}/run\"\nlayer_cache_dir = \"{d}/layers\"\n",
+            "kernel = \"{}\"\ninitramfs = \"{}\"\nvmm = \"{}\"\nstate_dir = \"{d}/run\"\nlayer_cache_dir = \"{d}/layers\"\n\
+             boot_timeout_secs = 900\nagent_timeout_secs = 900\n",
             kernel.display(),
             initramfs.display(),
             bin.join("moat-vmm").display(),

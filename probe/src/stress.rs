@@ -85,7 +85,7 @@ fn disk(until: Instant) -> Result<Value, String> {
     let chunk = vec![0xa5u8; 1 << 20];
     let mut written = 0u64;
     while Instant::now() < until {
-        if written % DISK_FILE_MIB == 0 {
+        if written.is_multiple_of(DISK_FILE_MIB) {
             f.set_len(0).map_err(|e| format!("truncate: {e}"))?;
             std::io::Seek::rewind(&mut f).map_err(|e| format!("seek: {e}"))?;
         }

@@ -125,6 +125,11 @@ impl Pending {
                     let _ = self.child.wait();
                     return Err(format!("timed out after {} s", timeout.as_secs()));
                 }
+                Ok(None) if proc::interrupted() => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return Err("interrupted".into());
+                }
                 Ok(None) => std::thread::sleep(Duration::from_millis(50)),
                 Err(e) => return Err(format!("wait: {e}")),
             }
