@@ -359,7 +359,7 @@ impl Cleanup {
     }
 
     fn ctr(&self, args: &[&str], timeout: u64) -> Result<String, String> {
-        proc::run(
+        proc::run_to_end(
             Command::new("ctr").arg("-a").arg(&self.sock).args(args),
             Duration::from_secs(timeout),
         )?
@@ -413,7 +413,7 @@ impl Cleanup {
                 }
             }
         }
-        let stop = proc::run(
+        let stop = proc::run_to_end(
             Command::new("bash")
                 .arg(self.repo.join("scripts/private-containerd.sh"))
                 .arg("stop")
@@ -697,13 +697,13 @@ pub fn shim_tree_mem(sock: &str, shim_binary: &str, id: &str) -> Result<Vec<Proc
 /// what failed.
 pub fn remove_container(ctr: impl Fn() -> Command, id: &str) -> Vec<String> {
     let mut cleanup = Vec::new();
-    let _ = proc::run(
+    let _ = proc::run_to_end(
         ctr().args(["task", "kill", "-s", "SIGKILL"]).arg(id),
         Duration::from_secs(30),
     );
     let end = Instant::now() + Duration::from_secs(60);
     loop {
-        match proc::run(ctr().args(["task", "rm"]).arg(id), Duration::from_secs(60))
+        match proc::run_to_end(ctr().args(["task", "rm"]).arg(id), Duration::from_secs(60))
             .and_then(|f| f.ok("ctr task rm"))
         {
             Ok(_) => break,
@@ -716,7 +716,7 @@ pub fn remove_container(ctr: impl Fn() -> Command, id: &str) -> Vec<String> {
             Err(_) => std::thread::sleep(Duration::from_millis(300)),
         }
     }
-    if let Err(e) = proc::run(ctr().args(["c", "rm"]).arg(id), Duration::from_secs(60))
+    if let Err(e) = proc::run_to_end(ctr().args(["c", "rm"]).arg(id), Duration::from_secs(60))
         .and_then(|f| f.ok("ctr c rm"))
     {
         cleanup.push(e);
