@@ -130,6 +130,13 @@ fn storm(cx: &Ctx, rt: &Runtime, res: &mut RuntimeResult) -> Option<Pair> {
         .collect();
     res.cost.insert("storm_wall_ms".into(), Stats::of(&[wall]));
     res.cost.insert("storm_start_ms".into(), Stats::of(&ok));
+    if p.cold_runs == 0 {
+        res.cost.insert("start_ms".into(), Stats::of(&ok));
+        res.notes.push(
+            "cold start: no sequential runs (--cold 0); the figures are the boot storm's starts"
+                .into(),
+        );
+    }
     res.storm_size = done.len();
     res.storm_failed = done.values().filter(|r| r.is_err()).count();
     for (id, r) in &done {
@@ -170,12 +177,6 @@ fn storm(cx: &Ctx, rt: &Runtime, res: &mut RuntimeResult) -> Option<Pair> {
 
 fn cold_starts(cx: &Ctx, rt: &Runtime, res: &mut RuntimeResult) {
     if cx.params.cold_runs == 0 {
-        let storm = res.cost.get("storm_start_ms").cloned().flatten();
-        res.cost.insert("start_ms".into(), storm);
-        res.notes.push(
-            "cold start: no sequential runs (--cold 0); the figures are the boot storm's starts"
-                .into(),
-        );
         return;
     }
     let mut v = Vec::new();
