@@ -50,14 +50,16 @@ impl Ctx<'_> {
         format!("{}-{}-{what}", self.prefix, rt.name)
     }
 
-    fn exec(&self, id: &str, args: &[&str]) -> Result<Pending, String> {
+    /// Starts `moat-probe ARGS` in `id`; returns it and its exec id.
+    fn exec(&self, id: &str, args: &[&str]) -> Result<(Pending, String), String> {
         let n = EXEC_SEQ.fetch_add(1, Ordering::SeqCst);
-        self.ctr.exec(id, &format!("probe{n}"), args)
+        let exec_id = format!("probe{n}");
+        Ok((self.ctr.exec(id, &exec_id, args)?, exec_id))
     }
 
     /// Runs `moat-probe ARGS` in `id` and parses its result.
     fn probe(&self, id: &str, args: &[&str]) -> Result<Value, String> {
-        let (out, _) = self.exec(id, args)?.finish(self.params.timeout)?;
+        let (out, _) = self.exec(id, args)?.0.finish(self.params.timeout)?;
         parse_last(&out)
     }
 }
@@ -258,9 +260,11 @@ fn workload_values(v: &Value) -> BTreeMap<String, Vec<f64>> {
 
 fn one_stressor(cx: &Ctx, pair: &Pair, kind: &str, base: &BTreeMap<String, Stats>) -> StressResult {
     let p = cx.params;
-    let secs = p.stress_seconds.to_string();
+    // It runs until killed once the workload is done; the bound only
+    // stops it should the kill be lost.
+    let bound = (p.workload_timeout() + p.timeout).as_secs_f64().to_string();
     let mut r = StressResult::default();
-    let stress = match cx.exec(&pair.b, &["stress", kind, &secs]) {
+    let (mut stress, exec_id) = match cx.exec(&pair.b, &["stress", kind, &bound]) {
         Ok(s) => s,
         Err(e) => {
             r.error = Some(format!("stressor: {e}"));
@@ -275,15 +279,18 @@ fn one_stressor(cx: &Ctx, pair: &Pair, kind: &str, base: &BTreeMap<String, Stats
         r.error = Some(format!("stressor did not start: {e} {end}"));
         return r;
     }
+    proc::sleep(Duration::from_secs_f64(p.stress_seconds));
     let (reps, scale) = (p.reps.to_string(), p.scale.to_string());
     let work = cx
         .exec(&pair.a, &["workload", &reps, &scale])
-        .and_then(|w| w.finish(p.workload_timeout()));
-    let stress_end = stress.finish(p.timeout + Duration::from_secs_f64(p.stress_seconds));
-    r.stressor_outlived_workload = stress_end.is_ok();
-    if let Err(e) = &stress_end {
-        // An OOM-killed memory bomb is the runtime containing it.
-        r.stressor_note = Some(e.clone());
+        .and_then(|(w, _)| w.finish(p.workload_timeout()));
+    r.stressor_outlived_workload = stress.running();
+    cx.ctr.kill_exec(&pair.b, &exec_id);
+    if let Err(e) = stress.finish(p.timeout) {
+        if !r.stressor_outlived_workload {
+            // An OOM-killed memory bomb is the runtime containing it.
+            r.stressor_note = Some(format!("the stressor ended before the workload did: {e}"));
+        }
     }
     match work.and_then(|(out, _)| parse_last(&out)) {
         Err(e) => {

@@ -32,6 +32,7 @@ pub struct Params {
     pub reps: u32,
     /// Size of each workload (1 = the smallest).
     pub scale: u32,
+    /// The stressor's head start before the workload begins.
     pub stress_seconds: f64,
     /// Sequential cold starts (0: the storm's starts are the samples).
     pub cold_runs: usize,
@@ -59,7 +60,7 @@ impl Params {
             quick,
             reps: if quick { 1 } else { 3 },
             scale: if quick { 1 } else { 2 },
-            stress_seconds: if quick { 6.0 } else { 20.0 },
+            stress_seconds: if quick { 1.0 } else { 2.0 },
             cold_runs: if quick { 0 } else { 3 },
             storm: if quick { 2 } else { 4 },
             avx_seconds: if quick { 2.0 } else { 5.0 },
@@ -76,7 +77,7 @@ impl Params {
 
     /// Past this the well-behaved workload beside a stressor is DNR.
     pub fn workload_timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.stress_seconds * 3.0 + 30.0)
+        self.timeout
     }
 }
 

@@ -316,7 +316,7 @@ pub fn markdown(p: &Params, rts: &[RuntimeResult], j: &Value) -> String {
     o += "### Cost of isolation\n\n![cost of isolation](cost.png)\n\n";
     o += "## Details\n\n### Performance isolation\n\n";
     o += &format!(
-        "The well-behaved container runs its workload alone, then beside a neighbour running one stressor ({} s each, bounded: see bench/README.md). Degradation: median beside the stressor against the median alone; DNR: the workload failed or did not finish within {} s.\n\n",
+        "The well-behaved container runs its workload alone, then beside a neighbour running one stressor (started {} s before the workload and killed after it; bounded: see bench/README.md). Degradation: median beside the stressor against the median alone; DNR: the workload failed or did not finish within {} s.\n\n",
         p.stress_seconds,
         p.workload_timeout().as_secs()
     );

@@ -106,6 +106,11 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// Whether it still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// The next line it prints, waiting at most `timeout`.
     pub fn wait_line(&self, timeout: Duration) -> Result<String, String> {
         self.lines.recv_timeout(timeout).map_err(|e| match e {
@@ -242,6 +247,16 @@ impl Ctr {
             .collect();
         a.extend(probe_args.iter().map(|s| s.to_string()));
         self.spawn(&a)
+    }
+
+    /// Kills exec `exec_id` of container `id` (its end is awaited elsewhere).
+    pub fn kill_exec(&self, id: &str, exec_id: &str) {
+        let _ = proc::run_to_end(
+            self.cmd()
+                .args(["task", "kill", "-s", "SIGKILL", "--exec-id", exec_id])
+                .arg(id),
+            Duration::from_secs(60),
+        );
     }
 
     pub fn remove(&self, id: &str) -> Vec<String> {
