@@ -340,7 +340,7 @@ pub fn markdown(p: &Params, rts: &[RuntimeResult], j: &Value) -> String {
         }
     }
     for n in j["notes"].as_array().into_iter().flatten() {
-        o += &format!("- {}\n", n.as_str().unwrap_or(""));
+        o += &format!("- {}\n", n.as_str().unwrap_or("").replace('\n', " "));
     }
     o
 }
