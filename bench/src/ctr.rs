@@ -315,20 +315,51 @@ impl Watch {
 
 /// What cleanup needs; also reachable from the panic hook.
 #[derive(Debug, Clone)]
-struct Cleanup {
-    repo: PathBuf,
-    dir: PathBuf,
-    sock: String,
-    events_pid: Option<u32>,
-    state_dir: PathBuf,
-    id_prefix: String,
+pub struct Cleanup {
+    pub repo: PathBuf,
+    pub dir: PathBuf,
+    pub sock: String,
+    pub events_pid: Option<u32>,
+    pub state_dir: PathBuf,
+    pub id_prefix: String,
 }
 
 static CLEANUP: Mutex<Option<Cleanup>> = Mutex::new(None);
 
 impl Cleanup {
+    /// Makes this the cleanup that runs at the end, or from the panic hook.
+    pub fn arm(&self) {
+        *CLEANUP.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.clone());
+    }
+
+    /// Starts the private containerd in `dir` with `path_env` as its PATH
+    /// (and `MOAT_CONFIG` if given), setting `sock`. Armed before the
+    /// start: a failed start is stopped too.
+    pub fn start_containerd(
+        &mut self,
+        path_env: &str,
+        moat_config: Option<&Path>,
+    ) -> Result<(), String> {
+        let mut start = Command::new("bash");
+        start
+            .arg(self.repo.join("scripts/private-containerd.sh"))
+            .arg("start")
+            .arg(&self.dir)
+            .env("PATH", path_env);
+        if let Some(c) = moat_config {
+            start.env("MOAT_CONFIG", c);
+        }
+        self.arm();
+        self.sock = proc::run(&mut start, Duration::from_secs(60))?
+            .ok("private-containerd.sh start")?
+            .trim()
+            .to_owned();
+        self.arm();
+        Ok(())
+    }
+
     fn ctr(&self, args: &[&str], timeout: u64) -> Result<String, String> {
-        proc::run(
+        proc::run_to_end(
             Command::new("ctr").arg("-a").arg(&self.sock).args(args),
             Duration::from_secs(timeout),
         )?
@@ -338,7 +369,7 @@ impl Cleanup {
     /// Removes every task and container, kills shims of this containerd
     /// that are left (and their VMs), stops containerd and removes its
     /// directory. Returns what did not go as it should.
-    fn run(&self) -> Vec<String> {
+    pub fn run(&self) -> Vec<String> {
         let mut notes = Vec::new();
         if let Some(pid) = self.events_pid {
             // SAFETY: kill(2) on our own `ctr events` child.
@@ -382,7 +413,7 @@ impl Cleanup {
                 }
             }
         }
-        let stop = proc::run(
+        let stop = proc::run_to_end(
             Command::new("bash")
                 .arg(self.repo.join("scripts/private-containerd.sh"))
                 .arg("stop")
@@ -405,13 +436,13 @@ impl Cleanup {
     }
 }
 
-fn take_cleanup() -> Option<Cleanup> {
+pub fn take_cleanup() -> Option<Cleanup> {
     CLEANUP.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 /// The repository root: `--repo`, else the first parent of the binary (or
 /// of the working directory) that holds scripts/private-containerd.sh.
-fn find_repo(opt: Option<&PathBuf>) -> Result<PathBuf, String> {
+pub fn find_repo(opt: Option<&PathBuf>) -> Result<PathBuf, String> {
     let has = |d: &Path| d.join("scripts/private-containerd.sh").exists();
     if let Some(r) = opt {
         return if has(r) {
@@ -432,7 +463,7 @@ fn find_repo(opt: Option<&PathBuf>) -> Result<PathBuf, String> {
         .ok_or_else(|| "cannot find the moat repository (give --repo DIR)".into())
 }
 
-fn on_path(path: &str, tool: &str) -> bool {
+pub fn on_path(path: &str, tool: &str) -> bool {
     std::env::split_paths(path).any(|d| d.join(tool).is_file())
 }
 
@@ -481,34 +512,25 @@ impl Bench {
         c
     }
 
-    fn set_cleanup(&self) {
-        *CLEANUP.lock().unwrap_or_else(|e| e.into_inner()) = Some(Cleanup {
+    fn cleanup(&self) -> Cleanup {
+        Cleanup {
             repo: self.repo.clone(),
             dir: self.dir.clone(),
             sock: self.sock.clone(),
             events_pid: self.events.as_ref().map(Child::id),
             state_dir: self.state_dir.clone(),
             id_prefix: self.id_prefix.clone(),
-        });
+        }
+    }
+
+    fn set_cleanup(&self) {
+        self.cleanup().arm();
     }
 
     fn setup(&mut self) -> Result<(), String> {
-        let mut start = Command::new("bash");
-        start
-            .arg(self.repo.join("scripts/private-containerd.sh"))
-            .arg("start")
-            .arg(&self.dir)
-            .env("PATH", &self.path_env);
-        if let Some(c) = &self.opts.moat_config {
-            start.env("MOAT_CONFIG", c);
-        }
-        // The cleanup is armed before containerd exists: a failed start is stopped too.
-        self.set_cleanup();
-        self.sock = proc::run(&mut start, Duration::from_secs(60))?
-            .ok("private-containerd.sh start")?
-            .trim()
-            .to_owned();
-        self.set_cleanup();
+        let mut c = self.cleanup();
+        c.start_containerd(&self.path_env, self.opts.moat_config.as_deref())?;
+        self.sock = c.sock;
         let tar = self.dir.join("busybox.tar");
         proc::run(
             Command::new("bash")
@@ -517,11 +539,7 @@ impl Bench {
             Duration::from_secs(120),
         )?
         .ok("busybox-image.sh")?;
-        proc::run(
-            self.ctr().args(["images", "import"]).arg(&tar),
-            Duration::from_secs(120),
-        )?
-        .ok("ctr images import")?;
+        import_image(self.ctr(), &tar)?;
         let log = fs::File::create(self.dir.join("events.log"))
             .map_err(|e| format!("create events.log: {e}"))?;
         self.events = Some(
@@ -606,79 +624,104 @@ impl Bench {
             timeout,
         )?
         .ok("ctr run -d")?;
-        let measured = (|| {
-            if !proc::sleep(self.opts.idle) {
-                return Err("interrupted".to_string());
-            }
-            let table = proc::table();
-            let shims: Vec<i32> = table
-                .keys()
-                .copied()
-                .filter(|pid| {
-                    let cmd = proc::cmdline(*pid);
-                    let has = |k: &str, v: &str| cmd.windows(2).any(|w| w[0] == k && w[1] == v);
-                    cmd.first().is_some_and(|a| {
-                        Path::new(a).file_name() == Some(rt.shim_binary().as_ref())
-                    }) && has("-address", &self.sock)
-                        && has("-id", &id)
-                        && !matches!(cmd.last().map(String::as_str), Some("start" | "delete"))
-                })
-                .collect();
-            let [shim] = shims[..] else {
-                return Err(format!(
-                    "expected one {} for {id}, found {shims:?}",
-                    rt.shim_binary()
-                ));
-            };
-            proc::tree(&table, shim)
-                .into_iter()
-                .map(|pid| {
-                    // comm is cut at 15 bytes ("containerd-shim"): name it by its binary.
-                    let cmd = proc::cmdline(pid);
-                    let name = cmd
-                        .first()
-                        .and_then(|a| Path::new(a).file_name())
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_else(|| table[&pid].0.clone());
-                    proc::mem(pid, &name)
-                })
-                .collect()
-        })();
-        let mut cleanup = Vec::new();
-        let _ = proc::run(
-            self.ctr().args(["task", "kill", "-s", "SIGKILL"]).arg(&id),
-            Duration::from_secs(30),
-        );
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            match proc::run(
-                self.ctr().args(["task", "rm"]).arg(&id),
-                Duration::from_secs(60),
-            )
-            .and_then(|f| f.ok("ctr task rm"))
-            {
-                Ok(_) => break,
-                Err(e) if Instant::now() > end => {
-                    cleanup.push(e);
-                    break;
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(300)),
-            }
-        }
-        if let Err(e) = proc::run(
-            self.ctr().args(["c", "rm"]).arg(&id),
-            Duration::from_secs(60),
-        )
-        .and_then(|f| f.ok("ctr c rm"))
-        {
-            cleanup.push(e);
-        }
+        let measured = if proc::sleep(self.opts.idle) {
+            shim_tree_mem(&self.sock, rt.shim_binary(), &id)
+        } else {
+            Err("interrupted".to_string())
+        };
+        let cleanup = remove_container(|| self.ctr(), &id);
         match (measured, cleanup.is_empty()) {
             (Ok(m), _) => Ok(m),
             (Err(e), true) => Err(e),
             (Err(e), false) => Err(format!("{e}; then {}", cleanup.join("; "))),
         }
     }
+}
+
+/// `ctr images import TAR`.
+pub fn import_image(mut ctr: Command, tar: &Path) -> Result<(), String> {
+    proc::run(
+        ctr.args(["images", "import"]).arg(tar),
+        Duration::from_secs(120),
+    )?
+    .ok("ctr images import")
+    .map(drop)
+}
+
+/// The shim (`shim_binary`) serving container `id` on containerd `sock`.
+pub fn find_shim(sock: &str, shim_binary: &str, id: &str) -> Result<i32, String> {
+    let table = proc::table();
+    let shims: Vec<i32> = table
+        .keys()
+        .copied()
+        .filter(|pid| {
+            let cmd = proc::cmdline(*pid);
+            let has = |k: &str, v: &str| cmd.windows(2).any(|w| w[0] == k && w[1] == v);
+            cmd.first()
+                .is_some_and(|a| Path::new(a).file_name() == Some(shim_binary.as_ref()))
+                && has("-address", sock)
+                && has("-id", id)
+                && !matches!(cmd.last().map(String::as_str), Some("start" | "delete"))
+        })
+        .collect();
+    match shims[..] {
+        [shim] => Ok(shim),
+        _ => Err(format!(
+            "expected one {shim_binary} for {id}, found {shims:?}"
+        )),
+    }
+}
+
+/// PSS and RSS of the shim serving `id` and of all its descendants
+/// (runc: the container's processes; moat: moat-vmm).
+pub fn shim_tree_mem(sock: &str, shim_binary: &str, id: &str) -> Result<Vec<ProcMem>, String> {
+    let shim = find_shim(sock, shim_binary, id)?;
+    let table = proc::table();
+    proc::tree(&table, shim)
+        .into_iter()
+        .map(|pid| {
+            // comm is cut at 15 bytes ("containerd-shim"): name it by its binary.
+            let cmd = proc::cmdline(pid);
+            let name = cmd
+                .first()
+                .and_then(|a| Path::new(a).file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .or_else(|| table.get(&pid).map(|t| t.0.clone()))
+                .unwrap_or_default();
+            proc::mem(pid, &name)
+        })
+        .collect()
+}
+
+/// Kills container `id`'s task, removes it and the container; returns
+/// what failed.
+pub fn remove_container(ctr: impl Fn() -> Command, id: &str) -> Vec<String> {
+    let mut cleanup = Vec::new();
+    let _ = proc::run_to_end(
+        ctr().args(["task", "kill", "-s", "SIGKILL"]).arg(id),
+        Duration::from_secs(30),
+    );
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        match proc::run_to_end(ctr().args(["task", "rm"]).arg(id), Duration::from_secs(60))
+            .and_then(|f| f.ok("ctr task rm"))
+        {
+            Ok(_) => break,
+            // No task (it never started): nothing to wait for.
+            Err(e) if e.contains("not found") => break,
+            Err(e) if Instant::now() > end => {
+                cleanup.push(e);
+                break;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(300)),
+        }
+    }
+    if let Err(e) = proc::run_to_end(ctr().args(["c", "rm"]).arg(id), Duration::from_secs(60))
+        .and_then(|f| f.ok("ctr c rm"))
+    {
+        cleanup.push(e);
+    }
+    cleanup
 }
 
 fn read_lines<T>(path: &Path, f: impl Fn(&str) -> Option<T>) -> Vec<T> {

@@ -2,6 +2,7 @@
 
 mod args;
 mod ctr;
+mod isolation;
 mod parse;
 mod proc;
 mod stats;
@@ -12,6 +13,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: moat-bench vmm --kernel PATH [--initramfs PATH] [--cmdline STR] [--runs N] [--vmm PATH] [--json OUT] ...\n\
          \x20      moat-bench ctr [--runs N] [--skip-moat] [--skip-pss] [--json OUT] ...\n\
+         \x20      moat-bench isolation --out DIR [--runtimes runc,crun,runsc,moat] [--quick] ...\n\
          see bench/README.md"
     );
     std::process::exit(2);
@@ -22,6 +24,7 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("vmm") => vmm::main(&args[1..]),
         Some("ctr") => ctr::main(&args[1..]),
+        Some("isolation") => isolation::main(&args[1..]),
         _ => usage(),
     }
 }

@@ -85,6 +85,21 @@ fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Stri
 /// kills it after `timeout` or on Ctrl-C. The exit is seen by a thread
 /// blocked in wait(2), so `elapsed` is not rounded to a polling interval.
 pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Finished, String> {
+    run_inner(cmd, timeout, &interrupted)
+}
+
+/// [`run`] that lets the command finish after Ctrl-C (up to `timeout`):
+/// for the cleanup, which runs after it.
+pub fn run_to_end(cmd: &mut Command, timeout: Duration) -> Result<Finished, String> {
+    run_inner(cmd, timeout, &|| false)
+}
+
+/// Runs `cmd`, killing it past `timeout` or once `stop()` says so.
+fn run_inner(
+    cmd: &mut Command,
+    timeout: Duration,
+    stop: &dyn Fn() -> bool,
+) -> Result<Finished, String> {
     let what = format!("{:?}", cmd.get_program());
     let started = SystemTime::now();
     let t0 = Instant::now();
@@ -112,7 +127,7 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Finished, String> {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
         }
         if killed.is_none() {
-            let why = if interrupted() {
+            let why = if stop() {
                 Some("interrupted")
             } else if t0.elapsed() > timeout {
                 Some("timed out")
@@ -247,6 +262,25 @@ mod tests {
         assert_eq!(f.status.code(), Some(3));
         let e = f.ok("sh").unwrap_err();
         assert!(e.contains("sh failed") && e.contains("err"), "{e}");
+    }
+
+    #[test]
+    fn run_stops_when_told_and_run_to_end_does_not() {
+        let e = run_inner(
+            Command::new("sleep").arg("30"),
+            Duration::from_secs(20),
+            &|| true,
+        )
+        .err()
+        .unwrap();
+        assert!(e.contains("interrupted"), "{e}");
+        let f = run_inner(&mut Command::new("true"), Duration::from_secs(20), &|| {
+            false
+        })
+        .unwrap();
+        assert!(f.status.success());
+        // run_to_end never asks: a Ctrl-C seen by the bench does not kill its cleanup.
+        assert!(run_to_end(&mut Command::new("true"), Duration::from_secs(20)).is_ok());
     }
 
     #[test]

@@ -239,6 +239,20 @@ pub fn allowed_syscalls(kind: ThreadKind) -> Vec<i64> {
     all
 }
 
+/// Every system call some moat-vmm thread may make once its filter is
+/// installed: the union of [`allowed_syscalls`] over [`ThreadKind::ALL`],
+/// sorted. Calls allowed only with some arguments count. This is the host
+/// kernel surface a guest reaches through moat-vmm (moat-bench reports it).
+pub fn union_allowed_syscalls() -> Vec<i64> {
+    let mut all: Vec<i64> = ThreadKind::ALL
+        .into_iter()
+        .flat_map(allowed_syscalls)
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
 /// Every ioctl request a `kind` thread may make, sorted.
 pub fn allowed_ioctls(kind: ThreadKind) -> Vec<u64> {
     let mut all: Vec<u64> = covered(kind).into_iter().flat_map(own_ioctls).collect();
@@ -312,6 +326,22 @@ pub fn apply(filter: &BpfProgram) -> Result<(), SeccompError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn union_allowed_syscalls_is_the_union_of_the_kinds() {
+        let all = union_allowed_syscalls();
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
+        for kind in ThreadKind::ALL {
+            let own = allowed_syscalls(kind);
+            assert!(own.iter().all(|nr| all.contains(nr)), "{kind:?}");
+        }
+        for nr in &all {
+            assert!(ThreadKind::ALL
+                .into_iter()
+                .any(|k| allowed_syscalls(k).contains(nr)));
+        }
+        assert!(!all.contains(&libc::SYS_execve));
+    }
 
     #[test]
     fn filters_compile_and_differ_by_kind() {
