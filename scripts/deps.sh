@@ -7,6 +7,8 @@ PACKAGES=(
   linux-source-6.12 build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils
   # runtime and tests: containerd + runc to compare, images, taps and netns
   containerd runc busybox-static erofs-utils e2fsprogs iproute2 util-linux python3
+  # the isolation benchmark: its image script, and the runtimes it compares
+  jq crun runsc
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -18,3 +20,8 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >&2
 fi
 command -v cargo >/dev/null || { echo "deps: cargo is missing: install Rust (rustup) first" >&2; exit 1; }
+# The isolation benchmark's probe is a static musl binary.
+if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+  rustup target add x86_64-unknown-linux-musl >&2 ||
+    echo "deps: WARNING: cannot add the x86_64-unknown-linux-musl target; the isolation benchmark test will be skipped" >&2
+fi
