@@ -321,7 +321,7 @@ impl DeviceWorker for Worker {
 
 /// Passes the guest packet in `chain` to the muxer, read through `payload`
 /// (of [`MAX_PAYLOAD`] bytes).
-fn handle_tx_chain(muxer: &mut Muxer, payload: &mut [u8], mem: &GuestMemory, chain: Chain<'_>) {
+pub fn handle_tx_chain(muxer: &mut Muxer, payload: &mut [u8], mem: &GuestMemory, chain: Chain<'_>) {
     let Ok(mut reader) = chain.reader(mem) else {
         return;
     };
