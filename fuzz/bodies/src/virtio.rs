@@ -167,6 +167,10 @@ pub fn vsock(data: &[u8]) {
         handle_tx_chain(&mut muxer, &mut payload, &mem, chain);
         Some(0)
     });
+    // Returning tx chains may have moved the rx avail index.
+    if hangs(&rx, &mem) {
+        return;
+    }
     drain_queue(&mut rx, &mem, "vsock", |chain| match chain.writer(&mem) {
         Ok(mut w) if w.available_bytes() >= HDR_LEN => muxer.fill_rx(&mut w).map(|n| n as u32),
         _ => Some(0),
