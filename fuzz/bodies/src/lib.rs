@@ -53,6 +53,10 @@ pub const TARGETS: &[Target] = &[
         body: vmm_api::api,
     },
     Target {
+        name: "vmm_api_client",
+        body: vmm_api::client,
+    },
+    Target {
         name: "vmm_config",
         body: config::vmm_config,
     },
