@@ -28,7 +28,7 @@ use crate::devices::virtio::worker::{
 };
 
 /// The longest tx chain: a header and the largest payload.
-const MAX_TX_CHAIN_LEN: u32 = (HDR_LEN + MAX_PAYLOAD) as u32;
+pub const MAX_TX_CHAIN_LEN: u32 = (HDR_LEN + MAX_PAYLOAD) as u32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
