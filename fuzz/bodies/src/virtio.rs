@@ -15,10 +15,10 @@ use moat_vmm::devices::virtio::net::tap::{
 use moat_vmm::devices::virtio::net::MAX_FRAME_LEN;
 use moat_vmm::devices::virtio::rng::device::fill_chain;
 use moat_vmm::devices::virtio::rng::MAX_BYTES_PER_REQUEST;
-use moat_vmm::devices::virtio::vsock::device::handle_tx_chain;
+use moat_vmm::devices::virtio::vsock::device::{handle_tx_chain, MAX_TX_CHAIN_LEN};
 use moat_vmm::devices::virtio::vsock::muxer::{Endpoint, Muxer};
 use moat_vmm::devices::virtio::vsock::packet::{HDR_LEN, MAX_PAYLOAD};
-use moat_vmm::devices::virtio::worker::drain_queue;
+use moat_vmm::devices::virtio::worker::{drain_queue, ANY_CHAIN_LEN};
 use moat_vmm::devices::virtio::GuestMemory;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -46,7 +46,7 @@ const QUEUE_HEADER: usize = 9;
 /// A queue as the transport would hand it over, configured from
 /// [`QUEUE_HEADER`] input bytes: size, flags (bit 0: event index), and the
 /// three ring addresses in 8-byte units. `None` where the transport would
-/// have refused to activate it, or where serving it is known to hang.
+/// have refused to activate it.
 fn queue(header: &[u8], mem: &GuestMemory, max_size: u16) -> Option<Queue> {
     let mut input = Input::new(header);
     let size = input.u16();
@@ -60,22 +60,7 @@ fn queue(header: &[u8], mem: &GuestMemory, max_size: u16) -> Option<Queue> {
     q.try_set_used_ring_address(GuestAddress(used)).ok()?;
     q.set_event_idx(flags & 1 != 0);
     q.set_ready(true);
-    (q.is_valid(mem) && !hangs(&q, mem)).then_some(q)
-}
-
-/// Known finding, not yet fixed (issue 10 item 1, the device workers'
-/// area): `drain_queue` spins forever when `pop_descriptor_chain` finds no
-/// chain but `enable_notification` says there is one. That happens when the
-/// avail ring lies at guest address 0, when the avail index runs more than
-/// the queue size ahead, and when the used ring overlaps the avail index,
-/// so that returning a chain moves it. Such queues are left out here so the
-/// fuzzer reaches the request parsers; the inputs that hang are kept apart
-/// (see fuzz/README.md). Drop this filter with the fix.
-fn hangs(q: &Queue, mem: &GuestMemory) -> bool {
-    let (avail, used) = (q.avail_ring(), q.used_ring());
-    let used_end = used + 6 + 8 * u64::from(q.size());
-    let avail_idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap_or(0);
-    avail == 0 || avail_idx > q.size() || (used < avail + 4 && avail < used_end)
+    q.is_valid(mem).then_some(q)
 }
 
 /// virtio-blk: requests against a small in-memory disk, read-only if the
@@ -98,10 +83,14 @@ pub fn block(data: &[u8]) {
     let Some(mut q) = queue(header, &mem, moat_vmm::devices::virtio::block::QUEUE_SIZE) else {
         return;
     };
+    // An error puts the device in DEVICE_NEEDS_RESET: it serves no more.
     for _ in 0..2 {
-        drain_queue(&mut q, &mem, "block", |chain| {
+        let served = drain_queue(&mut q, &mem, ANY_CHAIN_LEN, |chain| {
             Some(request::process(chain, &mem, &backing, &serial))
         });
+        if served.is_err() {
+            break;
+        }
     }
 }
 
@@ -130,9 +119,12 @@ pub fn rng(data: &[u8]) {
     };
     let mut buf = vec![0u8; MAX_BYTES_PER_REQUEST];
     for _ in 0..2 {
-        drain_queue(&mut q, &mem, "rng", |chain| {
+        let served = drain_queue(&mut q, &mem, ANY_CHAIN_LEN, |chain| {
             Some(fill_chain(&mut buf, &mem, chain))
         });
+        if served.is_err() {
+            break;
+        }
     }
 }
 
@@ -160,20 +152,21 @@ pub fn vsock(data: &[u8]) {
         return;
     };
     let mut payload = vec![0u8; MAX_PAYLOAD];
-    drain_queue(&mut tx, &mem, "vsock", |chain| {
+    let sent = drain_queue(&mut tx, &mem, MAX_TX_CHAIN_LEN, |chain| {
         if muxer.rx_backlog_full() {
             return None;
         }
         handle_tx_chain(&mut muxer, &mut payload, &mem, chain);
         Some(0)
     });
-    // Returning tx chains may have moved the rx avail index.
-    if hangs(&rx, &mem) {
+    if sent.is_err() {
         return;
     }
-    drain_queue(&mut rx, &mem, "vsock", |chain| match chain.writer(&mem) {
-        Ok(mut w) if w.available_bytes() >= HDR_LEN => muxer.fill_rx(&mut w).map(|n| n as u32),
-        _ => Some(0),
+    let _ = drain_queue(&mut rx, &mem, ANY_CHAIN_LEN, |chain| {
+        match chain.writer(&mem) {
+            Ok(mut w) if w.available_bytes() >= HDR_LEN => muxer.fill_rx(&mut w).map(|n| n as u32),
+            _ => Some(0),
+        }
     });
 }
 
@@ -213,7 +206,7 @@ pub fn net(data: &[u8]) {
     };
     let metrics = NetMetrics::default();
     let mut frame = vec![0u8; MAX_FRAME_LEN];
-    drain_queue(&mut q, &mem, "net", |chain| {
+    let _ = drain_queue(&mut q, &mem, MAX_FRAME_LEN as u32, |chain| {
         send_frame(tap, &metrics, &mut frame, &mem, chain);
         Some(0)
     });
