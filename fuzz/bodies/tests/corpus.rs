@@ -1,6 +1,7 @@
-//! Replays every fuzz target's corpus (`fuzz/corpus/<target>/`) through the
-//! same body the cargo-fuzz target runs, so CI checks on stable that no
-//! input the fuzzer kept (and no crash input saved after its fix) fails.
+//! Replays every fuzz target's corpus (`fuzz/corpus/<target>/`) and its
+//! regression inputs (`fuzz/regressions/<target>/`: what crashed or hung
+//! before a fix, kept out of corpus merges) through the same body the
+//! cargo-fuzz target runs, so CI checks on stable that none fails.
 
 use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -12,9 +13,12 @@ fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus")
 }
 
-fn inputs(target: &str) -> Vec<PathBuf> {
-    let dir = corpus_dir().join(target);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+fn regressions_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../regressions")
+}
+
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
         .filter(|p| p.is_file())
@@ -23,14 +27,27 @@ fn inputs(target: &str) -> Vec<PathBuf> {
     files
 }
 
-#[test]
-fn every_target_has_a_corpus_and_every_corpus_a_target() {
-    let dirs: BTreeSet<String> = std::fs::read_dir(corpus_dir())
+fn inputs(target: &str) -> Vec<PathBuf> {
+    let mut files = files_in(&corpus_dir().join(target));
+    let regressions = regressions_dir().join(target);
+    if regressions.exists() {
+        files.extend(files_in(&regressions));
+    }
+    files
+}
+
+fn names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+        .collect()
+}
+
+#[test]
+fn every_target_has_a_corpus_and_every_corpus_a_target() {
     let targets: BTreeSet<String> = TARGETS.iter().map(|t| t.name.to_owned()).collect();
-    assert_eq!(dirs, targets);
+    assert_eq!(names(&corpus_dir()), targets);
+    assert!(names(&regressions_dir()).is_subset(&targets));
     for t in TARGETS {
         assert!(
             !inputs(t.name).is_empty(),
