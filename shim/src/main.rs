@@ -8,18 +8,6 @@
 //! 1.6/1.7) and its v3 name (containerd 2.x), and `start` must answer each
 //! containerd in the format it reads.
 
-mod annotations;
-mod config;
-mod events;
-mod network;
-mod pod;
-mod process;
-mod rootfs;
-mod sandbox;
-mod stdio;
-mod task;
-mod volumes;
-
 use std::collections::HashMap;
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::{AsRawFd, IntoRawFd};
@@ -38,7 +26,8 @@ use containerd_shim::protos::types::introspection::{RuntimeInfo, RuntimeVersion}
 use containerd_shim::{DeleteResponse, ExitSignal, Flags};
 use thiserror::Error;
 
-use crate::config::Config;
+use containerd_shim_moat_v1::config::Config;
+use containerd_shim_moat_v1::{annotations, events, pod, sandbox, task};
 
 const RUNTIME_ID: &str = "io.containerd.moat.v1";
 const TTRPC_ADDRESS: &str = "TTRPC_ADDRESS";

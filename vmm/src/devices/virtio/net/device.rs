@@ -447,7 +447,7 @@ impl DeviceWorker for Worker {
 
 /// Sends the frame in `chain` to the tap, through `frame` (of
 /// [`MAX_FRAME_LEN`] bytes).
-fn send_frame(
+pub fn send_frame(
     tap: &Tap,
     metrics: &NetMetrics,
     frame: &mut [u8],

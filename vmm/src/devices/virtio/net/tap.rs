@@ -27,9 +27,12 @@ mod ioctls {
 pub(crate) use ioctls::TUNSETIFF;
 use ioctls::{TUNGETIFF, TUNSETOFFLOAD, TUNSETVNETHDRSZ};
 
-pub(crate) const IFF_TAP: i16 = 0x0002;
-pub(crate) const IFF_NO_PI: i16 = 0x1000;
-pub(crate) const IFF_VNET_HDR: i16 = 0x4000;
+/// `IFF_TAP`: an Ethernet (layer 2) device.
+pub const IFF_TAP: i16 = 0x0002;
+/// `IFF_NO_PI`: frames without the packet-information prefix.
+pub const IFF_NO_PI: i16 = 0x1000;
+/// `IFF_VNET_HDR`: frames with a virtio-net header.
+pub const IFF_VNET_HDR: i16 = 0x4000;
 pub(crate) const IFF_PERSIST: i16 = 0x0800;
 const IFNAMSIZ: usize = 16;
 
@@ -37,14 +40,15 @@ const IFNAMSIZ: usize = 16;
 /// member, padded to the kernel's 40 bytes.
 #[repr(C)]
 #[derive(Default)]
-pub(crate) struct IfReq {
+pub struct IfReq {
     pub name: [u8; IFNAMSIZ],
     pub flags: i16,
     _pad: [u8; 22],
 }
 
 impl IfReq {
-    pub(crate) fn new(name: &str, flags: i16) -> Self {
+    /// A request for interface `name` (cut to fit) with `flags`.
+    pub fn new(name: &str, flags: i16) -> Self {
         let mut req = IfReq {
             flags,
             ..Default::default()

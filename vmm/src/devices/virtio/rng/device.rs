@@ -137,7 +137,7 @@ impl DeviceWorker for Worker {
 /// Fills the chain's writable buffers through `buf` (of
 /// [`MAX_BYTES_PER_REQUEST`] bytes). Returns how many random bytes went in;
 /// 0 if the guest rewrote the checked chain into one outside guest memory.
-fn fill_chain(buf: &mut [u8], mem: &GuestMemory, chain: Chain<'_>) -> u32 {
+pub fn fill_chain(buf: &mut [u8], mem: &GuestMemory, chain: Chain<'_>) -> u32 {
     let Ok(mut writer) = chain.writer(mem) else {
         return 0;
     };

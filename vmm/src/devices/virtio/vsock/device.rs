@@ -28,7 +28,7 @@ use crate::devices::virtio::worker::{
 };
 
 /// The longest tx chain: a header and the largest payload.
-const MAX_TX_CHAIN_LEN: u32 = (HDR_LEN + MAX_PAYLOAD) as u32;
+pub const MAX_TX_CHAIN_LEN: u32 = (HDR_LEN + MAX_PAYLOAD) as u32;
 
 /// Why a vsock device could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -330,7 +330,7 @@ impl DeviceWorker for Worker {
 
 /// Passes the guest packet in `chain` to the muxer, read through `payload`
 /// (of [`MAX_PAYLOAD`] bytes).
-fn handle_tx_chain(muxer: &mut Muxer, payload: &mut [u8], mem: &GuestMemory, chain: Chain<'_>) {
+pub fn handle_tx_chain(muxer: &mut Muxer, payload: &mut [u8], mem: &GuestMemory, chain: Chain<'_>) {
     let Ok(mut reader) = chain.reader(mem) else {
         return;
     };
