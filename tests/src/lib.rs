@@ -521,7 +521,7 @@ pub struct PodNetns {
 }
 
 impl PodNetns {
-    /// `subnet` is the third octet of 10.213.<subnet>.0/24.
+    /// `subnet` is the third octet of `10.213.<subnet>.0/24`.
     pub fn create(tag: &str, subnet: u8) -> PodNetns {
         let name = format!("moat-{tag}-{}", std::process::id());
         let host_if = format!("mh{}-{subnet}", std::process::id() % 100_000);
