@@ -29,14 +29,21 @@ use crate::syscall::Syscall;
 /// How a process ended, as reported to the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExitInfo {
+    /// Exit code; 128 + the signal number when a signal killed it.
     pub status: i32,
+    /// The signal that killed it, or 0 if it exited.
     pub signal: i32,
+    /// Whether the signal was the cgroup OOM killer's SIGKILL.
     pub oom_killed: bool,
+    /// When the agent saw the exit, in nanoseconds since the Unix epoch.
     pub at_ns: u64,
 }
 
+/// A container's process: its init (exec id "") or an exec.
 pub struct Process {
+    /// Empty for the init.
     pub exec_id: String,
+    /// Its pid in the agent's (the guest's root) pid namespace.
     pub pid: i32,
     io: ProcessIo,
     raw_exit: Arc<ExitSlot>,
@@ -47,6 +54,7 @@ pub struct Process {
 }
 
 impl Process {
+    /// How it ended; `None` while it runs.
     pub fn exit(&self) -> Option<ExitInfo> {
         *self.exit.lock().unwrap()
     }
@@ -56,6 +64,7 @@ impl Process {
         self.raw_exit.get().is_some()
     }
 
+    /// Blocks until it has exited and its output is drained.
     pub fn wait(&self) -> ExitInfo {
         let mut g = self.exit.lock().unwrap();
         loop {
@@ -67,9 +76,12 @@ impl Process {
     }
 }
 
+/// A created container: its mounts, cgroup and processes.
 pub struct Container {
+    /// The container id the host gave.
     pub id: String,
     mounts: Mutex<RootfsMounts>,
+    /// The container's own cgroup.
     pub cgroup: Cgroup,
     seccomp: Arc<Vec<BpfProgram>>,
     processes: Mutex<HashMap<String, Arc<Process>>>,
@@ -99,7 +111,9 @@ pub struct Containers {
     config: Arc<Config>,
     sys: Arc<dyn Syscall>,
     reaper: Arc<Reaper>,
+    /// The stdio-stream port's registry of each process's streams.
     pub streams: Arc<StreamRegistry>,
+    /// Exit and OOM events, taken by the host with GetEvent.
     pub events: Arc<EventQueue>,
     map: Mutex<HashMap<String, Arc<Container>>>,
     oom: crate::oom::OomWatcher,
@@ -123,14 +137,20 @@ fn check_ids(cid: &str, eid: &str) -> Result<()> {
 
 /// Parameters of CreateContainer, decoded.
 pub struct CreateRequest<'a> {
+    /// Container id.
     pub id: &'a str,
+    /// The OCI runtime spec (config.json), as JSON bytes.
     pub spec_json: &'a [u8],
+    /// Where the rootfs comes from.
     pub rootfs: &'a Rootfs,
+    /// Volumes to mount into the rootfs.
     pub extra_mounts: &'a [ExtraMount],
+    /// Which stdio streams the init gets.
     pub stdio: &'a Stdio,
 }
 
 impl Containers {
+    /// Starts the OOM watcher; no containers yet.
     pub fn new(
         config: Arc<Config>,
         sys: Arc<dyn Syscall>,
@@ -149,10 +169,12 @@ impl Containers {
         })
     }
 
+    /// Whether a container with this id exists.
     pub fn exists(&self, id: &str) -> bool {
         self.map.lock().unwrap().contains_key(id)
     }
 
+    /// The container `id`; an error if the id is invalid or unknown.
     pub fn get(&self, id: &str) -> Result<Arc<Container>> {
         if !is_valid_id(id) {
             return Err(AgentError::InvalidArgument(format!(
@@ -178,6 +200,8 @@ impl Containers {
         }
     }
 
+    /// Creates a container and its gated init; returns the init's pid. The
+    /// init execs at [`Containers::start`].
     pub fn create(&self, req: CreateRequest<'_>) -> Result<u32> {
         check_ids(req.id, "")?;
         if req.spec_json.len() > moat_protocol::MAX_SPEC_BYTES {
@@ -405,6 +429,7 @@ impl Containers {
             });
     }
 
+    /// Lets the created init exec; returns its pid. Fails if already started.
     pub fn start(&self, id: &str) -> Result<u32> {
         let c = self.get(id)?;
         let init = c.init()?;
@@ -426,6 +451,8 @@ impl Containers {
         Ok(init.pid as u32)
     }
 
+    /// Starts a process (OCI process JSON) in a running container; returns
+    /// its pid.
     pub fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &Stdio) -> Result<u32> {
         check_ids(id, exec_id)?;
         if exec_id.is_empty() {
@@ -506,6 +533,8 @@ impl Containers {
         Ok(pid as u32)
     }
 
+    /// Sends `sig` to a process, or with `all` to every process of the
+    /// container (init only).
     pub fn signal(&self, id: &str, exec_id: &str, sig: u32, all: bool) -> Result<()> {
         check_ids(id, exec_id)?;
         let sig = Signal::try_from(sig as i32)
@@ -531,12 +560,14 @@ impl Containers {
         }
     }
 
+    /// Blocks until the process exits; returns its pid and how it ended.
     pub fn wait(&self, id: &str, exec_id: &str) -> Result<(i32, ExitInfo)> {
         check_ids(id, exec_id)?;
         let p = self.get(id)?.process(exec_id)?;
         Ok((p.pid, p.wait()))
     }
 
+    /// Resizes the process's terminal (values clamped to `u16`).
     pub fn resize(&self, id: &str, exec_id: &str, rows: u32, cols: u32) -> Result<()> {
         check_ids(id, exec_id)?;
         let p = self.get(id)?.process(exec_id)?;
@@ -544,6 +575,7 @@ impl Containers {
         p.io.resize(clamp(rows), clamp(cols))
     }
 
+    /// Closes the process's stdin.
     pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
         check_ids(id, exec_id)?;
         let p = self.get(id)?.process(exec_id)?;
@@ -551,6 +583,8 @@ impl Containers {
         Ok(())
     }
 
+    /// The processes in the container's cgroup, with exec id and command
+    /// where known.
     pub fn list(&self, id: &str) -> Result<Vec<ProcessInfo>> {
         let c = self.get(id)?;
         let known: HashMap<i32, String> = c
@@ -574,10 +608,13 @@ impl Containers {
             .collect())
     }
 
+    /// The container's cgroup statistics.
     pub fn stats(&self, id: &str) -> Result<moat_protocol::agent::StatsResponse> {
         Ok(self.get(id)?.cgroup.stats())
     }
 
+    /// Applies new resource limits, from moat's message and/or OCI JSON
+    /// (either may be absent or empty).
     pub fn update(
         &self,
         id: &str,
@@ -596,10 +633,13 @@ impl Containers {
         Ok(())
     }
 
+    /// Freezes (`true`) or thaws the container's cgroup.
     pub fn freeze(&self, id: &str, frozen: bool) -> Result<()> {
         self.get(id)?.cgroup.freeze(frozen)
     }
 
+    /// Kills and removes the container: its processes, mounts, cgroup and
+    /// files. A running one needs `force`.
     pub fn remove(&self, id: &str, force: bool) -> Result<()> {
         let c = self.get(id)?;
         let init = c.init()?;

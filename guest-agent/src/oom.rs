@@ -16,6 +16,8 @@ struct Watched {
     kills: u64,
 }
 
+/// Watches containers' memory.events and queues an OOM event per new
+/// OOM kill.
 #[derive(Clone)]
 pub struct OomWatcher {
     inotify: Arc<Inotify>,
@@ -23,6 +25,7 @@ pub struct OomWatcher {
 }
 
 impl OomWatcher {
+    /// Starts the watcher thread, which pushes events onto `events`.
     pub fn start(events: Arc<EventQueue>) -> Result<OomWatcher> {
         let inotify = Inotify::init(InitFlags::IN_CLOEXEC).ctx(|| "inotify_init".into())?;
         let w = OomWatcher {
@@ -37,6 +40,8 @@ impl OomWatcher {
         Ok(w)
     }
 
+    /// Watches the cgroup of container `id`; a failure only loses its OOM
+    /// events (logged).
     pub fn watch(&self, id: &str, cgroup: &Cgroup) {
         match self
             .inotify
@@ -56,6 +61,7 @@ impl OomWatcher {
         }
     }
 
+    /// Stops watching container `id`.
     pub fn unwatch(&self, id: &str) {
         let mut w = self.watches.lock().unwrap();
         let wds: Vec<WatchDescriptor> = w

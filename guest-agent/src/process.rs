@@ -35,18 +35,27 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 pub enum Kind {
     /// A container's first process: new namespaces and the root at `rootfs`.
     Init {
+        /// The container's root directory.
         rootfs: PathBuf,
+        /// The container's spec (namespaces, mounts, hooks...).
         spec: Arc<oci::Spec>,
     },
     /// A process joining the namespaces of the running `init_pid`.
-    Exec { init_pid: i32 },
+    Exec {
+        /// The pid of the container's init, in the agent's pid namespace.
+        init_pid: i32,
+    },
 }
 
 /// Everything the child needs, prepared before fork.
 pub struct ChildPlan {
+    /// Init or exec.
     pub kind: Kind,
+    /// The OCI process: args, env, cwd, user, rlimits...
     pub process: oci::Process,
+    /// The seccomp filters to install before exec.
     pub seccomp: Arc<Vec<BpfProgram>>,
+    /// The cgroup.procs file the child joins.
     pub cgroup_procs: PathBuf,
     /// Extra environment, e.g. GLIBC_TUNABLES under emul_compat.
     pub extra_env: Vec<(String, String)>,
@@ -57,8 +66,11 @@ pub struct ChildPlan {
 /// The child's ends of its stdio.
 #[derive(Default)]
 pub struct ChildStdio {
+    /// The child's stdin, if it has one.
     pub stdin: Option<OwnedFd>,
+    /// The child's stdout, if it has one.
     pub stdout: Option<OwnedFd>,
+    /// The child's stderr, if it has one.
     pub stderr: Option<OwnedFd>,
     /// A terminal of this size (rows, cols) instead of pipes. The child
     /// opens it from the container's own /dev/ptmx, as runc does, so that
@@ -68,6 +80,7 @@ pub struct ChildStdio {
 
 /// A forked child; for gated children the exec is still to come.
 pub struct Spawned {
+    /// Its pid in the agent's pid namespace.
     pub pid: i32,
     /// The master side of the child's terminal, if it has one.
     pub pty_master: Option<OwnedFd>,

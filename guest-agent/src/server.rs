@@ -15,6 +15,7 @@ use crate::reaper::Reaper;
 use crate::syscall::{LinuxSyscall, Syscall};
 use crate::transport::{HostOnly, Listener};
 
+/// The ttrpc Agent service: the host's calls on the guest's containers.
 pub struct AgentService {
     config: Arc<Config>,
     containers: Arc<Containers>,

@@ -18,11 +18,13 @@ use nix::sys::socket::{
 /// Where the agent listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
+    /// AF_VSOCK, any CID (only the host is accepted).
     Vsock,
     /// Port P is the unix socket `<base>_P`.
     Unix(PathBuf),
 }
 
+/// A bound, listening socket for the ttrpc server.
 pub struct Listener {
     fd: OwnedFd,
     /// Peers must be the host (vsock listeners).
@@ -68,6 +70,8 @@ impl ttrpc::AcceptHook for HostOnly {
 }
 
 impl Listener {
+    /// Binds and listens on `port` (see [`Listen`]); a stale unix socket
+    /// file is replaced.
     pub fn bind(listen: &Listen, port: u32) -> io::Result<Listener> {
         match listen {
             Listen::Vsock => {
@@ -96,6 +100,7 @@ impl Listener {
         }
     }
 
+    /// The listening socket's fd.
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }

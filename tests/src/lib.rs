@@ -9,7 +9,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
+/// The containerd runtime name of moat's shim.
 pub const RUNTIME: &str = "io.containerd.moat.v1";
+/// The image the tests run (built locally, see [`Containerd::import_busybox`]).
 pub const IMAGE: &str = "docker.io/library/busybox:latest";
 
 /// The workspace root.
@@ -99,7 +101,9 @@ fn unsafe_is_root() -> bool {
 
 /// A private containerd.
 pub struct Containerd {
+    /// The directory of this containerd's state, config and logs.
     pub dir: PathBuf,
+    /// containerd's ttrpc/gRPC socket.
     pub sock: PathBuf,
     /// Whether containerd runs (until `stop`).
     running: Mutex<bool>,
@@ -111,10 +115,13 @@ pub struct Containerd {
 
 /// Extra `moat` config lines (TOML) on top of the harness's own.
 pub struct MoatConfig {
+    /// The guest kernel (vmlinux).
     pub kernel: PathBuf,
+    /// The guest initramfs.
     pub initramfs: PathBuf,
     /// moat-vmm to use; default: the one built from this workspace.
     pub vmm: Option<PathBuf>,
+    /// More TOML lines, appended as they are.
     pub extra: String,
 }
 
@@ -210,14 +217,17 @@ impl Containerd {
         }
     }
 
+    /// moat's state directory (`<dir>/run`).
     pub fn state_dir(&self) -> PathBuf {
         self.dir.join("run")
     }
 
+    /// moat's layer cache directory (`<dir>/layers`).
     pub fn layer_cache(&self) -> PathBuf {
         self.dir.join("layers")
     }
 
+    /// containerd's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
     }
@@ -500,14 +510,18 @@ pub fn text(o: &Output) -> String {
 /// the other end is in this namespace with the gateway address. Removed on
 /// drop (the netns, and with it both veth ends).
 pub struct PodNetns {
+    /// The network namespace's name (under /run/netns).
     pub name: String,
+    /// The network namespace's path.
     pub path: PathBuf,
+    /// The gateway address, on this namespace's end of the veth.
     pub host_ip: String,
+    /// The pod's address, on its `eth0`.
     pub pod_ip: String,
 }
 
 impl PodNetns {
-    /// `subnet` is the third octet of 10.213.<subnet>.0/24.
+    /// `subnet` is the third octet of `10.213.<subnet>.0/24`.
     pub fn create(tag: &str, subnet: u8) -> PodNetns {
         let name = format!("moat-{tag}-{}", std::process::id());
         let host_if = format!("mh{}-{subnet}", std::process::id() % 100_000);

@@ -26,7 +26,9 @@ use serde_json::{json, Value};
 /// Where and how to reach the agent, and what rootfs containers get.
 #[derive(Clone)]
 pub struct Env {
+    /// How to connect to the agent.
     pub connector: Connector,
+    /// The agent's ttrpc port (vsock port, or unix socket suffix).
     pub port: u32,
     /// Rootfs for every test container (a busybox tree, `/bin/sh` etc.).
     pub rootfs: Rootfs,
@@ -57,10 +59,12 @@ pub fn skip_count() -> u32 {
 }
 
 impl Env {
+    /// A new connection to the agent.
     pub fn client(&self) -> AgentClient {
         AgentClient::connect(self.connector.clone(), self.port).expect("connect to the agent")
     }
 
+    /// A new container id, unique in this run.
     pub fn id(&self, what: &str) -> String {
         static N: AtomicU32 = AtomicU32::new(0);
         format!(
@@ -129,6 +133,8 @@ pub fn spec(args: &[&str], terminal: bool) -> Value {
     })
 }
 
+/// Stdio for a process: stdin if asked, and a terminal or stdout/stderr
+/// pipes.
 pub fn stdio(stdin: bool, terminal: bool) -> Stdio {
     Stdio {
         stdin,
@@ -192,9 +198,13 @@ pub fn reader(mut s: UnixStream) -> Reader {
 
 /// A created container with attached streams.
 pub struct Ctr {
+    /// The container id.
     pub id: String,
+    /// Its stdin stream, if it has one.
     pub stdin: Option<UnixStream>,
+    /// Its stdout, read in a thread.
     pub stdout: Option<Reader>,
+    /// Its stderr, read in a thread.
     pub stderr: Option<Reader>,
     /// The pty stream (terminal containers); output is read by the caller.
     pub pty: Option<UnixStream>,
@@ -217,6 +227,7 @@ impl Ctr {
         (w, out, err)
     }
 
+    /// Removes the container (forced).
     pub fn remove(&self, c: &AgentClient) {
         c.remove_container(
             c.ctx(),
@@ -230,6 +241,7 @@ impl Ctr {
     }
 }
 
+/// The CreateContainer request for `spec` on `env`'s rootfs.
 pub fn create_req(env: &Env, id: &str, spec: &Value, stdio: Stdio) -> CreateContainerRequest {
     CreateContainerRequest {
         container_id: id.into(),
