@@ -9,9 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use moat_vmm::devices::virtio::block::request::{self, Backing};
 use moat_vmm::devices::virtio::net::device::{send_frame, NetMetrics};
-use moat_vmm::devices::virtio::net::tap::{
-    IfReq, Tap, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR, TUNSETIFF,
-};
+use moat_vmm::devices::virtio::net::tap::{IfReq, Tap, IFF_NO_PI, IFF_TAP, IFF_VNET_HDR};
 use moat_vmm::devices::virtio::net::MAX_FRAME_LEN;
 use moat_vmm::devices::virtio::rng::device::fill_chain;
 use moat_vmm::devices::virtio::rng::MAX_BYTES_PER_REQUEST;
@@ -230,8 +228,9 @@ fn tap() -> Option<&'static Tap> {
                 .ok()?;
             let mut req = IfReq::new("fuzz0", IFF_TAP | IFF_NO_PI | IFF_VNET_HDR);
             // SAFETY: a tun fd and an ifreq the kernel reads and updates.
-            let ret =
-                unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, TUNSETIFF(), &mut req) };
+            let ret = unsafe {
+                vmm_sys_util::ioctl::ioctl_with_mut_ref(&file, libc::TUNSETIFF, &mut req)
+            };
             (ret >= 0).then(|| file.into_raw_fd())
         })
         .join()
