@@ -11,28 +11,32 @@ use thiserror::Error;
 
 use crate::config::{Config, MIN_MEMORY_MIB};
 
-pub const VCPUS: &str = "io.moat.vcpus";
-pub const MEMORY_MIB: &str = "io.moat.memory_mib";
-pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
-pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
-pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
-pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+pub(crate) const VCPUS: &str = "io.moat.vcpus";
+pub(crate) const MEMORY_MIB: &str = "io.moat.memory_mib";
+pub(crate) const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+pub(crate) const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+pub(crate) const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub(crate) const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 
 const MIB: u64 = 1 << 20;
 
+/// An annotation moat reads whose value it cannot use.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("invalid annotation {key}={value:?}: {reason}")]
 pub struct AnnotationError {
+    /// The annotation's key.
     pub key: String,
+    /// Its value, as given.
     pub value: String,
+    /// Why the value is refused.
     pub reason: String,
 }
 
 /// The guest's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmSize {
-    pub vcpus: u32,
-    pub memory_mib: u32,
+    pub(crate) vcpus: u32,
+    pub(crate) memory_mib: u32,
 }
 
 fn bad(key: &str, value: &str, reason: impl Into<String>) -> AnnotationError {

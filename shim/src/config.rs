@@ -28,20 +28,33 @@ pub const JAIL_IDS: u32 = 65536;
 /// from it cannot overflow.
 pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
 
+/// Why the shim's configuration file cannot be used.
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    /// The file cannot be read.
     #[error("cannot read {path}: {source}")]
     Read {
+        /// The configuration file.
         path: PathBuf,
+        /// The read's error.
         source: std::io::Error,
     },
+    /// The file is not TOML of the expected shape (unknown key, wrong type).
     #[error("invalid configuration in {path}: {source}")]
     Parse {
+        /// The configuration file.
         path: PathBuf,
+        /// The TOML decoder's error.
         source: toml::de::Error,
     },
+    /// The values parse but break a rule (a size or timeout out of range).
     #[error("invalid configuration in {path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
+    Invalid {
+        /// The configuration file.
+        path: PathBuf,
+        /// The rule broken.
+        reason: String,
+    },
 }
 
 /// How a container's writable layer is provided.
@@ -54,6 +67,8 @@ pub enum UpperKind {
     Tmpfs,
 }
 
+/// The shim's configuration (`/etc/moat/config.toml`); every key is
+/// optional and defaults to [`Config::default`]'s value.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -63,12 +78,14 @@ pub struct Config {
     pub initramfs: PathBuf,
     /// The moat-vmm binary. Default: /usr/local/bin/moat-vmm, else next to the shim.
     pub vmm: Option<PathBuf>,
-    /// Default guest size, before annotations.
+    /// Default guest vCPUs, before annotations.
     pub vcpus: u32,
+    /// Default guest memory in MiB, before annotations.
     pub memory_mib: u32,
-    /// The largest guest a container's annotations (`io.moat.*`, CRI's
-    /// pod resources) may ask for.
+    /// The most vCPUs a container's annotations (`io.moat.*`, CRI's pod
+    /// resources) may ask for.
     pub max_vcpus: u32,
+    /// The most guest memory, in MiB, the annotations may ask for.
     pub max_memory_mib: u32,
     /// Extra guest kernel command line.
     pub kernel_cmdline: String,
@@ -85,6 +102,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Cache of read-only layer images.
     pub layer_cache_dir: PathBuf,
+    /// How containers' writable layers are provided.
     pub upper: UpperKind,
     /// Apparent size of each sparse ext4 upper image.
     pub upper_size_mib: u64,
@@ -163,6 +181,7 @@ impl Config {
         }
     }
 
+    /// Reads and checks the configuration file at `path`.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -171,6 +190,7 @@ impl Config {
         Config::parse(&text, path)
     }
 
+    /// Parses and checks configuration text; `path` only names it in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let cfg: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
@@ -242,6 +262,7 @@ impl Config {
         Ok(())
     }
 
+    /// How long a VM may take to boot until its agent answers.
     pub fn boot_timeout(&self) -> Duration {
         Duration::from_secs(self.boot_timeout_secs)
     }

@@ -22,19 +22,28 @@ use containerd_shim::protos::topics;
 /// A task event of the shim API.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// A container (its init process) was created.
     Create(TaskCreate),
+    /// A container's init process was started.
     Start(TaskStart),
+    /// An exec process was added to a container.
     ExecAdded(TaskExecAdded),
+    /// An exec process was started.
     ExecStarted(TaskExecStarted),
+    /// A process exited.
     Exit(TaskExit),
+    /// A container or exec was deleted.
     Delete(TaskDelete),
+    /// A container hit its memory limit in the guest.
     Oom(TaskOOM),
+    /// A container was paused.
     Paused(TaskPaused),
+    /// A container was resumed.
     Resumed(TaskResumed),
 }
 
 impl Event {
-    pub fn topic(&self) -> &'static str {
+    pub(crate) fn topic(&self) -> &'static str {
         match self {
             Event::Create(_) => topics::TASK_CREATE_EVENT_TOPIC,
             Event::Start(_) => topics::TASK_START_EVENT_TOPIC,
@@ -48,7 +57,7 @@ impl Event {
         }
     }
 
-    pub fn into_message(self) -> Box<dyn MessageDyn> {
+    pub(crate) fn into_message(self) -> Box<dyn MessageDyn> {
         match self {
             Event::Create(e) => Box::new(e),
             Event::Start(e) => Box::new(e),
@@ -65,6 +74,7 @@ impl Event {
 
 /// Where events go: containerd's event service in the shim, a recorder in tests.
 pub trait Sink: Send + 'static {
+    /// Delivers one event of `namespace`; the error says why it was lost.
     fn forward(&mut self, namespace: &str, event: Event) -> Result<(), String>;
 }
 
@@ -97,6 +107,7 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Starts the thread that forwards events of `namespace` to `sink`, in order.
     pub fn new(namespace: String, sink: impl Sink) -> Publisher {
         let (tx, rx) = mpsc::sync_channel(QUEUE_LEN);
         let thread = std::thread::Builder::new()

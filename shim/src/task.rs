@@ -74,6 +74,8 @@ fn status_of(p: &Process, paused: bool) -> TaskStatus {
 }
 
 impl TaskService {
+    /// Serves `pod`, or answers every call with its configuration error;
+    /// `exit` is signalled when the shim should exit.
     pub fn new(pod: Result<Arc<Pod>, String>, exit: Arc<ExitSignal>) -> TaskService {
         TaskService { pod, exit }
     }

@@ -24,10 +24,10 @@ use crate::volumes;
 
 /// A typed create call.
 pub struct CreateRequest {
-    pub id: String,
-    pub bundle: String,
-    pub mounts: Vec<MountSpec>,
-    pub stdio: StdioSpec,
+    pub(crate) id: String,
+    pub(crate) bundle: String,
+    pub(crate) mounts: Vec<MountSpec>,
+    pub(crate) stdio: StdioSpec,
     /// Whether containerd asked to restore a checkpoint.
     pub checkpoint: bool,
 }
@@ -223,9 +223,9 @@ impl Drop for Resources {
 
 /// A created container of the pod.
 pub struct Container {
-    pub id: String,
-    pub bundle: String,
-    pub init: Arc<Process>,
+    pub(crate) id: String,
+    pub(crate) bundle: String,
+    pub(crate) init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     paused: AtomicBool,
     /// Taken (and so released) by delete.
@@ -235,7 +235,7 @@ pub struct Container {
 }
 
 impl Container {
-    pub fn new(plan: &CreatePlan, resources: Resources) -> Container {
+    pub(crate) fn new(plan: &CreatePlan, resources: Resources) -> Container {
         Container {
             id: plan.id.clone(),
             bundle: plan.bundle.clone(),
@@ -279,15 +279,15 @@ impl Container {
         Ok(())
     }
 
-    pub fn remove_exec(&self, exec_id: &str) {
+    pub(crate) fn remove_exec(&self, exec_id: &str) {
         self.lock_execs().remove(exec_id);
     }
 
-    pub fn paused(&self) -> bool {
+    pub(crate) fn paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
     }
 
-    pub fn set_paused(&self, paused: bool) {
+    pub(crate) fn set_paused(&self, paused: bool) {
         self.paused.store(paused, Ordering::SeqCst);
     }
 

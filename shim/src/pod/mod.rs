@@ -12,9 +12,9 @@ mod ops;
 pub mod vm;
 
 #[cfg(test)]
-pub mod fake;
+pub(crate) mod fake;
 #[cfg(test)]
-pub mod tests;
+pub(crate) mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -89,6 +89,7 @@ impl Drop for Reservation<'_> {
 }
 
 impl Pod {
+    /// A pod with no VM yet: a create that finds none boots one through `launcher`.
     pub fn new(
         cfg: Config,
         namespace: &str,
@@ -106,11 +107,11 @@ impl Pod {
         })
     }
 
-    pub fn events(&self) -> &Publisher {
+    pub(crate) fn events(&self) -> &Publisher {
         &self.events
     }
 
-    pub fn container(&self, id: &str) -> PodResult<Arc<Container>> {
+    pub(crate) fn container(&self, id: &str) -> PodResult<Arc<Container>> {
         lock(&self.members)
             .containers
             .get(id)

@@ -22,11 +22,11 @@ const MAX_SIGNAL: u32 = 64;
 
 /// A typed exec call.
 pub struct ExecRequest {
-    pub id: String,
-    pub exec_id: String,
+    pub(crate) id: String,
+    pub(crate) exec_id: String,
     /// The OCI process JSON.
-    pub spec: Option<Vec<u8>>,
-    pub stdio: StdioSpec,
+    pub(crate) spec: Option<Vec<u8>>,
+    pub(crate) stdio: StdioSpec,
 }
 
 /// How a process ended, as delete reports it.

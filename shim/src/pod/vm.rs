@@ -31,6 +31,7 @@ pub trait PodVm: Send + Sync {
 
 /// What a boot needs besides the configuration.
 pub struct BootSpec<'a> {
+    /// The shim's configuration.
     pub cfg: &'a Config,
     /// The pod's id (CRI sandbox id, else the first container's).
     pub grouping: &'a str,
@@ -38,6 +39,7 @@ pub struct BootSpec<'a> {
     pub dir: &'a Path,
     /// Where the pod's uppers live, removed again when the boot fails.
     pub upper_dir: &'a Path,
+    /// The VM's vCPUs and memory, from the booting container's annotations.
     pub size: VmSize,
     /// The first container's disks.
     pub disks: &'a [Disk],

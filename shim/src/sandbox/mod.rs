@@ -37,40 +37,66 @@ pub const MAX_BLOCK_SLOTS: usize = MAX_VIRTIO_DEVICES - 2;
 /// The guest's vsock CID (each VM has a vsock device of its own).
 const GUEST_CID: u64 = 3;
 
+/// Why a VM cannot be booted, changed or reached.
 #[derive(Debug, Error)]
 pub enum SandboxError {
+    /// A file the boot needs (kernel, initramfs, moat-vmm) is absent.
     #[error("{what} not found at {}", path.display())]
-    Missing { what: &'static str, path: PathBuf },
+    Missing {
+        /// What the file is.
+        what: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// A host operation (a state file, a socket, a spawn) failed.
     #[error("failed to {what}: {source}")]
     Io {
+        /// The operation, as a verb phrase.
         what: String,
+        /// The operation's error.
         source: std::io::Error,
     },
+    /// moat-vmm's API answered something unexpected.
     #[error("VMM API error: {0}")]
     Api(String),
+    /// A request to moat-vmm's API failed.
     #[error("failed to {what}: {}", with_causes(source))]
     VmmApi {
+        /// The request, as a verb phrase.
         what: String,
+        /// The API client's error.
         source: VmmClientError,
     },
+    /// The VM's configuration breaks one of moat-vmm's limits.
     #[error("invalid VM configuration: {0}")]
     VmConfig(#[from] ConfigError),
+    /// moat-vmm exited before the guest agent answered.
     #[error("moat-vmm exited during boot ({status}); vmm log: {log}; console: {console}")]
     VmmExited {
+        /// How it exited.
         status: String,
+        /// The end of its log.
         log: String,
+        /// The end of the guest's console.
         console: String,
     },
+    /// The guest agent did not answer within the boot timeout.
     #[error("the guest agent did not answer within {timeout:?} (last error: {last}); console: {console}")]
     BootTimeout {
+        /// The boot timeout.
         timeout: Duration,
+        /// The last connection attempt's error.
         last: String,
+        /// The end of the guest's console.
         console: String,
     },
+    /// A call to the guest agent failed.
     #[error(transparent)]
     Agent(#[from] ClientError),
+    /// Every block slot of the VM is taken.
     #[error("no free block slot in the VM for another disk (at most {MAX_BLOCK_SLOTS})")]
     NoBlockSlot,
+    /// The pod's network could not be set up.
     #[error("pod network: {0}")]
     Network(#[from] NetworkError),
 }
@@ -178,8 +204,8 @@ impl Drop for UndoBoot {
 
 /// A booted VM with a connected agent.
 pub struct Sandbox {
-    pub id: String,
-    pub dir: PathBuf,
+    pub(crate) id: String,
+    pub(crate) dir: PathBuf,
     /// The containers' writable uppers ([`upper_dir`]).
     uppers: PathBuf,
     vmm: Vmm,
@@ -267,7 +293,7 @@ impl Sandbox {
         })
     }
 
-    pub fn agent(&self) -> &AgentClient {
+    pub(crate) fn agent(&self) -> &AgentClient {
         &self.agent
     }
 

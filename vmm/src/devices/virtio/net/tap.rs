@@ -41,8 +41,8 @@ const IFNAMSIZ: usize = 16;
 #[repr(C)]
 #[derive(Default)]
 pub struct IfReq {
-    pub name: [u8; IFNAMSIZ],
-    pub flags: i16,
+    pub(crate) name: [u8; IFNAMSIZ],
+    pub(crate) flags: i16,
     _pad: [u8; 22],
 }
 
