@@ -54,6 +54,12 @@ pub enum PrivilegeError {
     /// The jail asks for Landlock and the kernel does not enforce it.
     #[error("This kernel has no Landlock; the jail needs it unless allow_no_landlock is set")]
     NoLandlock,
+    /// The parent-death signal could not be set again after the uid switch.
+    #[error("Cannot restore the parent-death signal after the jail's uid switch")]
+    DeathSignal(#[source] std::io::Error),
+    /// The starting process exited before the signal was set again.
+    #[error("The process that started moat-vmm exited while it entered the jail")]
+    ParentGone,
     /// Switching to the jail's user or groups failed.
     #[error("Cannot switch to the jail's {what} (moat-vmm must start as root to use a jail)")]
     Credentials {
@@ -89,10 +95,46 @@ pub fn drop_privileges(jail: Option<&JailConfig>) -> Result<(), PrivilegeError> 
     // jail's uid switch takes away.
     drop_bounding_set()?;
     if let Some(jail) = jail {
+        let death_signal = parent_death_signal()?;
+        // SAFETY: getppid has no preconditions.
+        let parent = unsafe { libc::getppid() };
         enter_jail(jail)?;
+        restore_parent_death_signal(death_signal, parent)?;
     }
     forbid_dumps()?;
     clear_capabilities()
+}
+
+/// The signal this thread gets when the thread that started it exits
+/// (`PR_SET_PDEATHSIG`; 0 for none).
+fn parent_death_signal() -> Result<libc::c_int, PrivilegeError> {
+    let mut signal: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int to a pointer we own.
+    if unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut signal as *mut libc::c_int) } < 0 {
+        return Err(PrivilegeError::DeathSignal(std::io::Error::last_os_error()));
+    }
+    Ok(signal)
+}
+
+/// The jail's uid switch clears the parent-death signal (prctl(2)), which
+/// the shim sets so that no VMM outlives it: set it again. A parent that
+/// exited in between sent nothing, which the changed parent pid shows.
+fn restore_parent_death_signal(
+    signal: libc::c_int,
+    parent: libc::pid_t,
+) -> Result<(), PrivilegeError> {
+    if signal == 0 {
+        return Ok(());
+    }
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) } < 0 {
+        return Err(PrivilegeError::DeathSignal(std::io::Error::last_os_error()));
+    }
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } != parent {
+        return Err(PrivilegeError::ParentGone);
+    }
+    Ok(())
 }
 
 /// Guest memory never reaches a core file, and no process of the same user

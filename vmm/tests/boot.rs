@@ -394,6 +394,44 @@ fn jail_runs_the_vmm_as_its_user_in_namespaces_of_its_own() {
     vm.wait(Duration::from_secs(20)).assert_code(0);
 }
 
+/// A jailed moat-vmm started with a parent-death signal still gets it when
+/// the thread that started it exits: the jail's uid switch clears the
+/// setting, and moat-vmm sets it again (the shim relies on it so that its
+/// VMMs do not outlive it).
+#[test]
+fn a_jailed_vmm_keeps_its_parent_death_signal() {
+    if !kvm_usable("a_jailed_vmm_keeps_its_parent_death_signal") {
+        return;
+    }
+    const JAIL: u32 = 65534;
+    let dir = TempDir::new("pdeath");
+    let sock = dir.join("api.sock");
+    let parent = std::thread::spawn(move || {
+        let mut cmd = guest_command("halt", "");
+        cmd.arg("--api-socket").arg(&sock).args([
+            "--jail",
+            &format!("{JAIL}:{JAIL}"),
+            "--jail-no-landlock",
+        ]);
+        // SAFETY: prctl with integer arguments only, between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut vm = Vm::spawn(cmd);
+        vm.wait_for_serial("moat-test: halting", TIMEOUT);
+        vm
+    });
+    // The starting thread has exited once joined.
+    let vm = parent.join().unwrap();
+    let exit = vm.wait(Duration::from_secs(20));
+    assert!(exit.status.contains("SIGKILL"), "{exit:?}");
+}
+
 /// Whether this kernel enforces Landlock (its ABI version query answers).
 fn landlock_available() -> bool {
     const LANDLOCK_CREATE_RULESET_VERSION: libc::c_long = 1;

@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use moat_vmm_api::{ApiClient, BlockRequest, ShutdownRequest, VmConfig};
@@ -58,7 +58,9 @@ impl Vmm {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
-        // SAFETY: only async-signal-safe calls (fcntl, setsid) between fork and exec.
+        let shim = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls (fcntl, setsid, prctl,
+        // getppid) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 for fd in &keep_fds {
@@ -69,10 +71,20 @@ impl Vmm {
                 }
                 // Its own session: signals to the shim's group do not hit the VM.
                 libc::setsid();
+                // No VMM outlives its shim, however the shim ends (SIGKILL
+                // included); `shim delete` then cleans up the rest. moat-vmm
+                // sets it again after its jail's uid switch clears it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The shim died before the prctl: nothing would signal us.
+                if libc::getppid() != shim {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|source| SandboxError::Io {
+        let child = spawn_from_lasting_thread(cmd).map_err(|source| SandboxError::Io {
             what: format!("start {}", binary.display()),
             source,
         })?;
@@ -184,6 +196,41 @@ impl Vmm {
     }
 }
 
+/// A spawn request for the spawner thread, and where its answer goes.
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` from a thread that lives as long as the shim. The
+/// parent-death signal fires when the *thread* that forked exits, not the
+/// process; the shim's ttrpc handler threads come and go, so a VMM forked
+/// from one would be killed with it. (A pidfd watch of the shim in moat-vmm
+/// would work too, but needs an event source there for what the kernel
+/// already does.)
+fn spawn_from_lasting_thread(cmd: Command) -> std::io::Result<Child> {
+    // The sender lives in a static: the thread never ends before the shim.
+    static SPAWNER: Mutex<Option<mpsc::Sender<SpawnRequest>>> = Mutex::new(None);
+    let tx = {
+        let mut spawner = SPAWNER.lock().unwrap_or_else(|e| e.into_inner());
+        match &*spawner {
+            Some(tx) => tx.clone(),
+            None => {
+                let (tx, rx) = mpsc::channel::<SpawnRequest>();
+                std::thread::Builder::new()
+                    .name("vmm-spawner".into())
+                    .spawn(move || {
+                        for (mut cmd, reply) in rx {
+                            let _ = reply.send(cmd.spawn());
+                        }
+                    })?;
+                spawner.insert(tx).clone()
+            }
+        }
+    };
+    let gone = || std::io::Error::other("the vmm spawner thread is gone");
+    let (reply, answer) = mpsc::channel();
+    tx.send((cmd, reply)).map_err(|_| gone())?;
+    answer.recv().map_err(|_| gone())?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +284,77 @@ mod tests {
         let got = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
         let (a, b) = (got.metadata().unwrap(), file.metadata().unwrap());
         assert_eq!((a.dev(), a.ino()), (b.dev(), b.ino()));
+    }
+
+    const STAND_IN_DIR: &str = "MOAT_TEST_SHIM_STAND_IN";
+
+    /// Not a test on its own: the shim that `a_vmm_does_not_outlive_its_shim`
+    /// runs and kills. It starts a "VMM" from a thread that then exits, as
+    /// a ttrpc handler thread may.
+    #[test]
+    #[ignore]
+    fn shim_stand_in() {
+        let Some(dir) = std::env::var_os(STAND_IN_DIR).map(PathBuf::from) else {
+            return;
+        };
+        let vmm = std::thread::spawn(move || {
+            let config = VmConfig::new(dir.join("vmlinux"));
+            let vmm = Vmm::spawn(
+                &dir.join("moat-vmm"),
+                &config,
+                &dir.join("vm.json"),
+                &dir.join("vmm.log"),
+                Vec::new(),
+            )
+            .unwrap();
+            fs::write(dir.join("pid"), vmm.pid().to_string()).unwrap();
+            vmm
+        })
+        .join()
+        .unwrap();
+        std::thread::sleep(Duration::from_secs(600));
+        drop(vmm);
+    }
+
+    /// Whether `pid` runs (not gone, not a zombie).
+    fn alive(pid: &str) -> bool {
+        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
+    }
+
+    /// A VMM outlives the thread that started it, but not its shim, even
+    /// one killed with SIGKILL.
+    #[test]
+    fn a_vmm_does_not_outlive_its_shim() {
+        let t = TempDir::new("pdeath");
+        let vmm = t.path().join("moat-vmm");
+        fs::write(&vmm, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let mut shim = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "sandbox::vmm::tests::shim_stand_in", "--ignored"])
+            .env(STAND_IN_DIR, t.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid_file = t.path().join("pid");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !pid_file.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = fs::read_to_string(&pid_file).unwrap();
+        // The starting thread has exited; the VMM must not have.
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(alive(&pid), "the VMM died with the thread that started it");
+        shim.kill().unwrap();
+        shim.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while alive(&pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(&pid), "the VMM outlived its shim");
     }
 
     #[test]
