@@ -4,6 +4,7 @@
 # system containerd, with the moat runtime registered.
 #   scripts/private-containerd.sh start DIR [LEVEL]   prints the socket path
 #   scripts/private-containerd.sh stop DIR
+#   scripts/private-containerd.sh restart DIR [LEVEL]
 # start: containerd inherits this environment (PATH finds the shim,
 # MOAT_CONFIG names the shim's config) and logs at LEVEL (default info;
 # debug also passes -debug to the shims) to DIR/containerd.log.
@@ -11,6 +12,8 @@
 # shims and VMs still serving it, unmounts what it left under DIR and
 # removes DIR (kept, for its logs, if MOAT_TEST_KEEP
 # is set).
+# restart: stops containerd alone (SIGTERM; its shims, VMs and tasks run
+# on), then starts it again as start does; the log goes on.
 set -euo pipefail
 cmd=$1
 dir=$(realpath -m "$2")
@@ -33,7 +36,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [debug]
   level = "$level"
 TOML
-  containerd --config "$dir/config.toml" </dev/null >"$dir/containerd.log" 2>&1 &
+  containerd --config "$dir/config.toml" </dev/null >>"$dir/containerd.log" 2>&1 &
   echo $! >"$dir/containerd.pid"
   for _ in $(seq 200); do
     ctr_ version >/dev/null 2>&1 && { echo "$sock"; return 0; }
@@ -69,10 +72,8 @@ kill_leftovers() {
   done
 }
 
-stop() {
-  if [ -S "$sock" ]; then
-    remove_tasks
-  fi
+# containerd alone: SIGTERM, then SIGKILL after 10 s.
+stop_containerd() {
   if [ -f "$dir/containerd.pid" ]; then
     pid=$(cat "$dir/containerd.pid")
     kill "$pid" 2>/dev/null || true
@@ -80,6 +81,13 @@ stop() {
     kill -9 "$pid" 2>/dev/null || true
     rm -f "$dir/containerd.pid"
   fi
+}
+
+stop() {
+  if [ -S "$sock" ]; then
+    remove_tasks
+  fi
+  stop_containerd
   kill_leftovers
   # Unmount what containerd left (snapshots, shm) before removing its root.
   grep -o " $dir/[^ ]*" /proc/self/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
@@ -91,5 +99,6 @@ stop() {
 case "$cmd" in
 start) start ;;
 stop) stop ;;
-*) echo "usage: $0 start DIR [LEVEL] | stop DIR" >&2; exit 2 ;;
+restart) stop_containerd && start ;;
+*) echo "usage: $0 start DIR [LEVEL] | stop DIR | restart DIR [LEVEL]" >&2; exit 2 ;;
 esac

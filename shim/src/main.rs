@@ -227,8 +227,14 @@ fn delete(flags: &Flags) -> Result<(), ShimError> {
     // of a pod closes; while the pod's daemon still serves, the VM and the
     // other containers' files are its own.
     let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &grouping);
-    if !socket_alive(socket_path(&address)) {
+    let path = socket_path(&address);
+    if !socket_alive(path) {
         sandbox::cleanup_dead(&cfg, &grouping, &flags.id);
+        // A daemon killed by a signal left its socket file; asked again
+        // right before, so that a daemon started since keeps its own.
+        if !socket_alive(path) {
+            let _ = std::fs::remove_file(path);
+        }
     }
     // Nothing is mounted on the host, but a bundle may carry a leftover rootfs mount.
     let _ = nix::mount::umount2("rootfs", nix::mount::MntFlags::MNT_DETACH);

@@ -107,8 +107,14 @@ pub struct Containerd {
     pub sock: PathBuf,
     /// Whether containerd runs (until `stop`).
     running: Mutex<bool>,
+    /// containerd's environment (and so its shims').
+    env: Vec<(String, String)>,
     /// Tun/tap devices of the host's network namespace before the test.
     taps_before: Vec<String>,
+    /// Named network namespaces before the test.
+    netns_before: Vec<String>,
+    /// cgroup directories before the test.
+    cgroups_before: Vec<PathBuf>,
     /// The pods (shim groupings) the test ran containers in.
     groupings: Mutex<Vec<String>>,
 }
@@ -146,12 +152,12 @@ fn tail(name: &str, lines: Vec<&str>, n: usize) -> String {
 pub const CTR_TIMEOUT_SECS: u64 = 900;
 
 /// `scripts/private-containerd.sh ACTION DIR [ARGS]`, with `env`.
-fn private_containerd(action: &str, dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+fn private_containerd(action: &str, dir: &Path, args: &[&str], env: &[(String, String)]) -> Output {
     Command::new(workspace().join("scripts/private-containerd.sh"))
         .arg(action)
         .arg(dir)
         .args(args)
-        .envs(env.iter().copied())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .output()
         .expect("run scripts/private-containerd.sh")
@@ -196,10 +202,17 @@ impl Containerd {
         );
         let moat_config = dir.join("moat.toml");
         let mut env = vec![
-            ("PATH", path.as_str()),
-            ("MOAT_CONFIG", moat_config.to_str().unwrap()),
+            ("PATH".to_owned(), path),
+            (
+                "MOAT_CONFIG".to_owned(),
+                moat_config.to_string_lossy().into_owned(),
+            ),
         ];
-        env.extend_from_slice(extra_env);
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         let taps_before = taps();
         // debug: containerd also passes -debug to the shims.
         let out = private_containerd("start", &dir, &["debug"], &env);
@@ -212,9 +225,24 @@ impl Containerd {
             dir,
             sock: PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
             running: Mutex::new(true),
+            env,
             taps_before,
+            netns_before: netns_names(),
+            cgroups_before: cgroup_dirs(),
             groupings: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Stops containerd with SIGTERM, leaving its shims and their tasks
+    /// running, and starts it again on the same root, state, config and
+    /// environment.
+    pub fn restart(&self) {
+        let out = private_containerd("restart", &self.dir, &["debug"], &self.env);
+        assert!(
+            out.status.success(),
+            "containerd did not restart: {}",
+            text(&out)
+        );
     }
 
     /// moat's state directory (`<dir>/run`).
@@ -321,9 +349,12 @@ impl Containerd {
         );
     }
 
-    /// What a finished test must leave: no tasks, nothing under the state
-    /// directory, no shim or moat-vmm process started from this containerd,
-    /// no mount or loop device of its files, no new tap, no shim socket.
+    /// What a finished test must leave: no tasks or containers, nothing
+    /// under the state directory, no half-built image in the layer cache,
+    /// no shim or moat-vmm process started from this containerd, no mount
+    /// or loop device of its files, no new tap, no new named network
+    /// namespace of this test, no new cgroup of moat's or of the test's
+    /// pods, no shim socket.
     pub fn assert_no_leaks(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -347,9 +378,17 @@ impl Containerd {
                 leaks.push(format!("state {}", e.path().display()));
             }
         }
-        let tasks = String::from_utf8_lossy(&self.ctr(&["tasks", "ls", "-q"]).stdout).into_owned();
-        for t in tasks.lines().filter(|l| !l.trim().is_empty()) {
-            leaks.push(format!("task {t}"));
+        for what in ["tasks", "containers"] {
+            let ids = String::from_utf8_lossy(&self.ctr(&[what, "ls", "-q"]).stdout).into_owned();
+            for t in ids.lines().filter(|l| !l.trim().is_empty()) {
+                leaks.push(format!("{what} {t}"));
+            }
+        }
+        for f in files_under(&self.layer_cache()) {
+            // Images are built under a temporary name and renamed when whole.
+            if f.to_string_lossy().contains(".tmp.") {
+                leaks.push(format!("half-built cache entry {}", f.display()));
+            }
         }
         let marker = self.dir.to_string_lossy().into_owned();
         for pid in pids_with_env_or_arg(&marker) {
@@ -369,12 +408,27 @@ impl Containerd {
                 leaks.push(format!("tap {tap}"));
             }
         }
-        for g in self
+        // Other tests on the host may add namespaces and cgroups: only
+        // this test's (its pid in PodNetns names) and moat's count.
+        let me = std::process::id().to_string();
+        for ns in netns_names() {
+            if !self.netns_before.contains(&ns) && ns.contains(&me) {
+                leaks.push(format!("network namespace {ns}"));
+            }
+        }
+        let groupings = self
             .groupings
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+            .clone();
+        for cg in cgroup_dirs() {
+            let name = cg.file_name().unwrap_or_default().to_string_lossy();
+            let ours = name.contains("moat") || groupings.iter().any(|g| name.contains(g.as_str()));
+            if ours && !self.cgroups_before.contains(&cg) {
+                leaks.push(format!("cgroup {}", cg.display()));
+            }
+        }
+        for g in &groupings {
             let s = self.shim_socket(g);
             if s.exists() {
                 leaks.push(format!("shim socket {} of {g}", s.display()));
@@ -398,6 +452,50 @@ pub fn taps() -> Vec<String> {
         }
     }
     found.sort();
+    found
+}
+
+/// Named network namespaces (`ip netns`).
+pub fn netns_names() -> Vec<String> {
+    fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// cgroup directories down to four levels below /sys/fs/cgroup (where
+/// runtimes put a container's: `<slice or runtime>/<pod>/<container>`).
+pub fn cgroup_dirs() -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut level = vec![PathBuf::from("/sys/fs/cgroup")];
+    for _ in 0..4 {
+        let mut next = Vec::new();
+        for dir in &level {
+            for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    next.push(e.path());
+                }
+            }
+        }
+        found.extend(next.iter().cloned());
+        level = next;
+    }
+    found
+}
+
+/// Every file below `dir` (none if it is missing).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            found.extend(files_under(&path));
+        } else {
+            found.push(path);
+        }
+    }
     found
 }
 
