@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 use moat_tests::*;
 
+/// A private containerd with the agent's log on the guest console (for a
+/// failed test's diagnostics). The timeouts are long: on this project's
+/// 2-core machines several VMs booting at once take minutes each.
 fn setup(tag: &str) -> Option<Arc<Containerd>> {
     if let Err(why) = host_tools() {
         skip(tag, &why);
@@ -35,7 +38,7 @@ fn setup(tag: &str) -> Option<Arc<Containerd>> {
             kernel,
             initramfs,
             vmm: None,
-            extra: "boot_timeout_secs = 300\nagent_timeout_secs = 400\n\
+            extra: "boot_timeout_secs = 800\nagent_timeout_secs = 800\n\
                     kernel_cmdline = \"moat.verbose\""
                 .into(),
         },
