@@ -255,6 +255,11 @@ impl Containerd {
         self.dir.join("layers")
     }
 
+    /// Where the shim puts containers' writable upper images.
+    pub fn upper_dir(&self) -> PathBuf {
+        self.dir.join("uppers")
+    }
+
     /// containerd's log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
@@ -350,11 +355,11 @@ impl Containerd {
     }
 
     /// What a finished test must leave: no tasks or containers, nothing
-    /// under the state directory, no half-built image in the layer cache,
-    /// no shim or moat-vmm process started from this containerd, no mount
-    /// or loop device of its files, no new tap, no new named network
-    /// namespace of this test, no new cgroup of moat's or of the test's
-    /// pods, no shim socket.
+    /// under the state directory or the upper directory, no half-built
+    /// image in the layer cache, no shim or moat-vmm process started from
+    /// this containerd, no mount or loop device of its files, no new tap,
+    /// no new named network namespace of this test, no new cgroup of
+    /// moat's or of the test's pods, no shim socket.
     pub fn assert_no_leaks(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -383,6 +388,13 @@ impl Containerd {
             for t in ids.lines().filter(|l| !l.trim().is_empty()) {
                 leaks.push(format!("{what} {t}"));
             }
+        }
+        for e in fs::read_dir(self.upper_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            leaks.push(format!("upper {}", e.path().display()));
         }
         for f in files_under(&self.layer_cache()) {
             // Images are built under a temporary name and renamed when whole.
