@@ -2,8 +2,8 @@
 //! SIGKILL, a shim killed with SIGKILL or SIGTERM, a guest kernel panic, a
 //! containerd restart and a full layer cache. Each case checks the task's
 //! status and then that nothing is left (`assert_no_leaks`: processes,
-//! mounts, loop devices, taps, network namespaces, cgroups, state and cache
-//! files, shim sockets).
+//! mounts, loop devices, taps, network namespaces, cgroups, state, upper
+//! and cache files, shim sockets).
 //!
 //! Every guest boot costs 40-65 s of emulated guest kernel here, so cases
 //! share VMs where one fault does not end the VM another needs: the
@@ -256,10 +256,10 @@ fn a_dead_shim_takes_its_vm_along() {
 }
 
 /// A privileged container panics the guest kernel (`panic_on_oom = 2` and
-/// a memory cgroup OOM; the guest kernel has no magic SysRq). The shim's
-/// guest command line must have `panic=-1` for the guest to reset on a
-/// panic, which moat-vmm reports with exit code 5. The VM ends,
-/// the task shows STOPPED with a non-zero exit, and nothing is left.
+/// a memory cgroup OOM; the guest kernel has no magic SysRq). With the
+/// shim's `panic=-1` the guest resets, which moat-vmm reports with exit
+/// code 5. The VM ends, the task shows STOPPED with a non-zero exit, and
+/// nothing is left.
 #[test]
 fn a_guest_kernel_panic_stops_the_task() {
     let Some(c) = setup("f-panic") else { return };
@@ -274,7 +274,8 @@ fn a_guest_kernel_panic_stops_the_task() {
             "-c",
             // A refused sysctl exits 0, which fails the test.
             // dd's 64 MiB buffer, filled by one read, passes the 32 MiB
-            // limit at once (a slowly growing buffer took minutes here).
+            // limit at once (`cat /dev/zero | tail`, whose buffer grows
+            // 8 KiB at a time, did not reach it within 500 s here).
             "sleep 2; echo 2 >/proc/sys/vm/panic_on_oom || exit 0; \
              dd if=/dev/zero of=/dev/null bs=64M count=1",
         ],
