@@ -42,7 +42,11 @@ fn setup(tag: &str) -> Option<Arc<Containerd>> {
             kernel,
             initramfs,
             vmm: None,
-            extra: "boot_timeout_secs = 600\nagent_timeout_secs = 600\n".into(),
+            // Five uppers of the default 4096 MiB would pass the default
+            // pod_upper_limit_mib (16384): the shim refuses a pod's fifth
+            // container. The busybox containers write nothing.
+            extra: "boot_timeout_secs = 600\nagent_timeout_secs = 600\nupper_size_mib = 1024\n"
+                .into(),
         },
     );
     c.import_busybox();
