@@ -111,7 +111,10 @@ pub struct Config {
     /// fills them.
     pub upper_dir: PathBuf,
     /// Cap on the apparent sizes of one sandbox's upper images together,
-    /// and so on the host disk its guest can fill.
+    /// and so on the host disk its guest can fill. The default (64 GiB)
+    /// fits 16 containers with the default upper, more than a pod's block
+    /// slots hold, so a Kubernetes pod (pause + apps) is never refused
+    /// by it with the defaults.
     pub pod_upper_limit_mib: u64,
     /// Empty block slots each pod VM (CRI sandbox) gets for its later
     /// containers (virtio-mmio has no hotplug); plain containers get none.
@@ -157,7 +160,7 @@ impl Default for Config {
             upper: UpperKind::Ext4,
             upper_size_mib: 4096,
             upper_dir: PathBuf::from("/var/lib/moat/uppers"),
-            pod_upper_limit_mib: 16384,
+            pod_upper_limit_mib: 65536,
             spare_block_slots: 8,
             seccomp: true,
             agent_port: moat_protocol::DEFAULT_AGENT_PORT,
