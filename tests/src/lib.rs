@@ -94,6 +94,48 @@ pub fn host_tools() -> Result<(), String> {
     }
 }
 
+/// Starts a private containerd for the test `tag` with `moat`'s config
+/// and busybox imported; None, after a loud skip, when the host lacks the
+/// tools.
+pub fn setup_containerd(tag: &str, moat: MoatConfig) -> Option<Containerd> {
+    setup_with(tag, || Ok(moat))
+}
+
+/// [`setup_containerd`] for tests that boot guests: the kernel and
+/// initramfs of [`guest_assets`], the workspace's moat-vmm and `extra`
+/// config lines; None, after a loud skip, when the host lacks the tools
+/// or the guest assets.
+pub fn setup_booting(tag: &str, extra: &str) -> Option<Containerd> {
+    setup_with(tag, || {
+        let (kernel, initramfs) = guest_assets()?;
+        Ok(MoatConfig {
+            kernel,
+            initramfs,
+            vmm: None,
+            extra: extra.into(),
+        })
+    })
+}
+
+/// Checks the host tools first, then builds the config (which may need
+/// more of the host), then starts containerd and imports busybox.
+fn setup_with(
+    tag: &str,
+    config: impl FnOnce() -> Result<MoatConfig, String>,
+) -> Option<Containerd> {
+    match host_tools().and_then(|()| config()) {
+        Ok(moat) => {
+            let c = Containerd::start(tag, &moat);
+            c.import_busybox();
+            Some(c)
+        }
+        Err(why) => {
+            skip(tag, &why);
+            None
+        }
+    }
+}
+
 fn unsafe_is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }

@@ -18,32 +18,13 @@ use std::time::{Duration, Instant};
 use moat_tests::*;
 
 fn setup(tag: &str) -> Option<Containerd> {
-    if let Err(why) = host_tools() {
-        skip(tag, &why);
-        return None;
-    }
-    let (kernel, initramfs) = match guest_assets() {
-        Ok(a) => a,
-        Err(why) => {
-            skip(tag, &why);
-            return None;
-        }
-    };
-    let c = Containerd::start(
+    // The agent's log on the guest console, for the diagnostics of a
+    // failed test.
+    setup_booting(
         tag,
-        &MoatConfig {
-            kernel,
-            initramfs,
-            vmm: None,
-            // The agent's log on the guest console, for the diagnostics of
-            // a failed test.
-            extra: "boot_timeout_secs = 300\nagent_timeout_secs = 400\n\
-                    kernel_cmdline = \"moat.verbose\""
-                .into(),
-        },
-    );
-    c.import_busybox();
-    Some(c)
+        "boot_timeout_secs = 300\nagent_timeout_secs = 400\n\
+         kernel_cmdline = \"moat.verbose\"",
+    )
 }
 
 fn stdout(o: &Output) -> String {

@@ -21,30 +21,12 @@ use moat_tests::*;
 /// failed test's diagnostics). The timeouts are long: on this project's
 /// 2-core machines several VMs booting at once take minutes each.
 fn setup(tag: &str) -> Option<Arc<Containerd>> {
-    if let Err(why) = host_tools() {
-        skip(tag, &why);
-        return None;
-    }
-    let (kernel, initramfs) = match guest_assets() {
-        Ok(a) => a,
-        Err(why) => {
-            skip(tag, &why);
-            return None;
-        }
-    };
-    let c = Containerd::start(
+    setup_booting(
         tag,
-        &MoatConfig {
-            kernel,
-            initramfs,
-            vmm: None,
-            extra: "boot_timeout_secs = 800\nagent_timeout_secs = 800\n\
-                    kernel_cmdline = \"moat.verbose\""
-                .into(),
-        },
-    );
-    c.import_busybox();
-    Some(Arc::new(c))
+        "boot_timeout_secs = 800\nagent_timeout_secs = 800\n\
+         kernel_cmdline = \"moat.verbose\"",
+    )
+    .map(Arc::new)
 }
 
 fn stdout(o: &std::process::Output) -> String {

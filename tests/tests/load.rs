@@ -25,32 +25,14 @@ const PODS: usize = 4;
 const PER_POD: usize = 5;
 
 fn setup(tag: &str) -> Option<Arc<Containerd>> {
-    if let Err(why) = host_tools() {
-        skip(tag, &why);
-        return None;
-    }
-    let (kernel, initramfs) = match guest_assets() {
-        Ok(a) => a,
-        Err(why) => {
-            skip(tag, &why);
-            return None;
-        }
-    };
-    let c = Containerd::start(
+    // Five uppers of the default 4096 MiB would pass the default
+    // pod_upper_limit_mib (16384): the shim refuses a pod's fifth
+    // container. The busybox containers write nothing.
+    setup_booting(
         tag,
-        &MoatConfig {
-            kernel,
-            initramfs,
-            vmm: None,
-            // Five uppers of the default 4096 MiB would pass the default
-            // pod_upper_limit_mib (16384): the shim refuses a pod's fifth
-            // container. The busybox containers write nothing.
-            extra: "boot_timeout_secs = 600\nagent_timeout_secs = 600\nupper_size_mib = 1024\n"
-                .into(),
-        },
-    );
-    c.import_busybox();
-    Some(Arc::new(c))
+        "boot_timeout_secs = 600\nagent_timeout_secs = 600\nupper_size_mib = 1024\n",
+    )
+    .map(Arc::new)
 }
 
 /// The STATUS column of `ctr tasks ls` for `id`.

@@ -26,21 +26,15 @@ fn setup_vmm(
     vmm: Option<PathBuf>,
     extra: &str,
 ) -> Option<Containerd> {
-    if let Err(why) = host_tools() {
-        skip(tag, &why);
-        return None;
-    }
-    let c = Containerd::start(
+    setup_containerd(
         tag,
-        &MoatConfig {
+        MoatConfig {
             kernel,
             initramfs,
             vmm,
             extra: extra.into(),
         },
-    );
-    c.import_busybox();
-    Some(c)
+    )
 }
 
 fn stderr(o: &std::process::Output) -> String {
