@@ -229,16 +229,39 @@ impl Ctr {
 
     /// Removes the container (forced).
     pub fn remove(&self, c: &AgentClient) {
-        c.remove_container(
-            c.ctx(),
-            &RemoveContainerRequest {
-                container_id: self.id.clone(),
-                force: true,
-                ..Default::default()
-            },
-        )
-        .expect("remove");
+        remove_forced(c, &self.id).expect("remove");
     }
+}
+
+/// Removes container `id`, forced (a running one too).
+fn remove_forced(c: &AgentClient, id: &str) -> ttrpc::Result<Empty> {
+    c.remove_container(
+        c.ctx(),
+        &RemoveContainerRequest {
+            container_id: id.into(),
+            force: true,
+            ..Default::default()
+        },
+    )
+}
+
+/// The request naming container `id` alone.
+fn container_req(id: &str) -> ContainerRequest {
+    ContainerRequest {
+        container_id: id.into(),
+        ..Default::default()
+    }
+}
+
+/// The Version call with this build's protocol version.
+fn version(c: &AgentClient) -> ttrpc::Result<VersionResponse> {
+    c.version(
+        c.ctx(),
+        &VersionRequest {
+            protocol_version: moat_protocol::PROTOCOL_VERSION,
+            ..Default::default()
+        },
+    )
 }
 
 /// The CreateContainer request for `spec` on `env`'s rootfs.
@@ -379,25 +402,9 @@ pub fn exec_exit_codes(env: &Env) {
     );
     let (w, out, _) = exec(&c, &ctr.id, "e2", &["hostname"]);
     assert_eq!((w.exit_status, out.as_str()), (0, "moat-test\n"));
-    let procs = c
-        .list_processes(
-            c.ctx(),
-            &ContainerRequest {
-                container_id: ctr.id.clone(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let procs = c.list_processes(c.ctx(), &container_req(&ctr.id)).unwrap();
     assert!(!procs.processes.is_empty());
-    let stats = c
-        .stats(
-            c.ctx(),
-            &ContainerRequest {
-                container_id: ctr.id.clone(),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let stats = c.stats(c.ctx(), &container_req(&ctr.id)).unwrap();
     if env.cgroup_limits {
         assert!(stats.pids.current >= 1, "{stats:?}");
     }
@@ -513,10 +520,7 @@ pub fn fork_bomb(env: &Env) {
         armed.wait_for(b"armed\n", Duration::from_secs(120)),
         "the bomb did not start"
     );
-    let req = ContainerRequest {
-        container_id: ctr.id.clone(),
-        ..Default::default()
-    };
+    let req = container_req(&ctr.id);
     let limit = u64::from(env.pids_limit);
     // Bomb processes come and go: the count hovers just under the limit.
     let full = limit - limit / 10;
@@ -816,15 +820,7 @@ pub fn big_output(env: &Env) {
     assert_eq!(got_lines, lines);
     assert!(bytes >= env.big_output_mib << 20, "{bytes} bytes");
     assert_eq!(err.join(), b"end\n");
-    c.remove_container(
-        c.ctx(),
-        &RemoveContainerRequest {
-            container_id: id,
-            force: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    remove_forced(&c, &id).unwrap();
 }
 
 /// A memory hog in a 16 MiB cgroup is OOM-killed and reported as such.
@@ -1040,10 +1036,7 @@ pub fn bad_requests(env: &Env) {
     );
     assert_eq!(code(r), ttrpc::Code::FAILED_PRECONDITION);
     // Pause/resume via the freezer.
-    let creq = ContainerRequest {
-        container_id: ctr.id.clone(),
-        ..Default::default()
-    };
+    let creq = container_req(&ctr.id);
     c.pause_container(c.ctx(), &creq).unwrap();
     c.resume_container(c.ctx(), &creq).unwrap();
     if !env.cgroup_limits {
@@ -1071,14 +1064,7 @@ pub fn bad_requests(env: &Env) {
 
 fn bad_requests_tail(env: &Env, c: &AgentClient) {
     let ok = |c: &AgentClient| {
-        c.version(
-            c.ctx(),
-            &VersionRequest {
-                protocol_version: moat_protocol::PROTOCOL_VERSION,
-                ..Default::default()
-            },
-        )
-        .expect("agent still serving");
+        version(c).expect("agent still serving");
     };
     // Streams for unknown containers are refused with a reason.
     match c.open_stream("no-such", "", StreamKind::Stdout) {
@@ -1100,15 +1086,7 @@ fn bad_requests_tail(env: &Env, c: &AgentClient) {
         },
     );
     assert_eq!(code(r), ttrpc::Code::DEADLINE_EXCEEDED);
-    c.remove_container(
-        c.ctx(),
-        &RemoveContainerRequest {
-            container_id: id,
-            force: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    remove_forced(c, &id).unwrap();
     // CopyFile over its size limit.
     let big = CopyFileRequest {
         path: "big".into(),
@@ -1179,14 +1157,7 @@ pub fn malformed_messages(env: &Env) {
     assert!(c.create_container(c.ctx(), &huge).is_err());
     // Still serving, on old and new connections.
     let _ = answered;
-    c.version(
-        c.ctx(),
-        &VersionRequest {
-            protocol_version: moat_protocol::PROTOCOL_VERSION,
-            ..Default::default()
-        },
-    )
-    .expect("still serving");
+    version(&c).expect("still serving");
     let c2 = env.client();
     assert_eq!(
         c2.agent_version().protocol_version,
