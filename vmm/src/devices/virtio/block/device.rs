@@ -469,6 +469,17 @@ mod tests {
     }
 
     impl Harness {
+        /// Activates the device again on fresh rings, as a driver does
+        /// after a reset (VIRTIO_F_VERSION_1 only: no EVENT_IDX).
+        fn reactivate(&mut self) {
+            let mem = guest_memory();
+            self.queue = TestQueue::new(&mem, 1, 16);
+            self.block.set_acked_features(VIRTIO_F_VERSION_1);
+            self.block
+                .activate(mem, self.irq.clone(), vec![self.queue.activated(false)])
+                .unwrap();
+        }
+
         /// Submits `descs` and waits for the device to return the chain:
         /// (used length, status byte at `status`).
         fn submit(&mut self, descs: &[Desc], status: Desc) -> (u32, u8) {
@@ -976,12 +987,7 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(1));
         h.irq.reset();
         // And the device works again on fresh rings.
-        let mem = guest_memory();
-        h.queue = TestQueue::new(&mem, 1, 16);
-        h.block.set_acked_features(VIRTIO_F_VERSION_1);
-        h.block
-            .activate(mem, h.irq.clone(), vec![h.queue.activated(false)])
-            .unwrap();
+        h.reactivate();
         assert_eq!(h.read_sectors(2, 1).1, VIRTIO_BLK_S_OK);
         assert!(!h.irq.needs_reset());
     }
@@ -1009,12 +1015,7 @@ mod tests {
         assert!(!readable_within(&h.irqfd, Duration::from_millis(50)));
 
         // A fresh activation on fresh rings serves requests again.
-        let mem = guest_memory();
-        h.queue = TestQueue::new(&mem, 1, 16);
-        h.block.set_acked_features(VIRTIO_F_VERSION_1);
-        h.block
-            .activate(mem, h.irq.clone(), vec![h.queue.activated(false)])
-            .unwrap();
+        h.reactivate();
         let (len, status, data) = h.read_sectors(3, 1);
         assert_eq!((len, status), (513, VIRTIO_BLK_S_OK));
         assert!(data.iter().all(|&b| b == 3));

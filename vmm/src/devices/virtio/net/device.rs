@@ -585,6 +585,16 @@ mod tests {
             assert_eq!(self.txq.wait_used(WAIT), Some((head, 0)));
         }
 
+        /// Sends a test frame (`len` payload bytes from `seed`) from the guest,
+        /// header and frame in separate descriptors; waits for it on the tap.
+        fn tx_reaches_the_host(&mut self, seed: u8, len: usize) {
+            let frame = test_frame([0xff; 6], seed, len);
+            let hdr = self.txq.readable(&vnet_hdr());
+            let body = self.txq.readable(&frame);
+            self.send_from_guest(&[hdr, body]);
+            assert_eq!(self.sock.recv_test_frame(WAIT).unwrap(), frame);
+        }
+
         /// Waits for a frame of the test ethertype in an rx buffer, skipping
         /// (and re-posting) anything else the host stack sent.
         fn recv_in_guest(&mut self, buf: Desc) -> Vec<u8> {
@@ -899,11 +909,7 @@ mod tests {
             });
             expect_fault(&mut h, "a head past the queue", true, |q| q.publish(200));
             // After each reset a good frame goes out.
-            let frame = test_frame([0xff; 6], 42, 80);
-            let hdr = h.txq.readable(&vnet_hdr());
-            let body = h.txq.readable(&frame);
-            h.send_from_guest(&[hdr, body]);
-            assert_eq!(h.sock.recv_test_frame(WAIT).unwrap(), frame);
+            h.tx_reaches_the_host(42, 80);
             assert!(!h.irq.needs_reset());
         });
     }
@@ -929,11 +935,7 @@ mod tests {
             assert_eq!(q.wait_used(WAIT), Some((8, 0)));
             assert!(h.net.metrics().tx_dropped.load(Ordering::Relaxed) >= 3);
             // A good frame still goes out.
-            let frame = test_frame([0xff; 6], 43, 80);
-            let hdr = h.txq.readable(&vnet_hdr());
-            let body = h.txq.readable(&frame);
-            h.send_from_guest(&[hdr, body]);
-            assert_eq!(h.sock.recv_test_frame(WAIT).unwrap(), frame);
+            h.tx_reaches_the_host(43, 80);
             assert!(!h.irq.needs_reset());
         });
     }
@@ -1022,11 +1024,7 @@ mod tests {
                     vec![h.rxq.activated(false), h.txq.activated(false)],
                 )
                 .unwrap();
-            let frame = test_frame([0xff; 6], 1, 60);
-            let hdr = h.txq.readable(&vnet_hdr());
-            let body = h.txq.readable(&frame);
-            h.send_from_guest(&[hdr, body]);
-            assert_eq!(h.sock.recv_test_frame(WAIT).unwrap(), frame);
+            h.tx_reaches_the_host(1, 60);
             // Without EVENT_IDX every used buffer interrupts.
             assert!(irq_watch.read().unwrap() >= 1);
             drop(h);
