@@ -4,11 +4,13 @@
 //! at 256 live processes, the disk hog rewrites one 128 MiB file, and the
 //! network stressors stay on loopback.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+
+use crate::work::{drain, CHUNK};
 
 const MEMORY_CAP_MIB: usize = 384;
 const FORK_CAP: usize = 256;
@@ -118,19 +120,12 @@ fn net_recv(until: Instant) -> Result<Value, String> {
     let addr = l.local_addr().map_err(|e| e.to_string())?;
     let sender = std::thread::spawn(move || {
         if let Ok(mut c) = TcpStream::connect(addr) {
-            let chunk = vec![1u8; 64 << 10];
+            let chunk = vec![1u8; CHUNK];
             while Instant::now() < until && c.write_all(&chunk).is_ok() {}
         }
     });
     let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
-    let mut buf = vec![0u8; 64 << 10];
-    let mut total = 0u64;
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
+    let total = drain(&mut s);
     let _ = sender.join();
     Ok(json!({ "received_mb": total as f64 / 1e6 }))
 }

@@ -196,13 +196,29 @@ pub fn io(dir: &str, mib: u32) -> Result<Value, String> {
     }))
 }
 
+/// The size of one write, and of one read, of a loopback TCP stream.
+pub const CHUNK: usize = 64 << 10;
+
+/// Reads `s` to its end (or first error); returns the bytes read.
+pub fn drain(s: &mut impl Read) -> u64 {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    total
+}
+
 /// One TCP stream over loopback for `seconds`: MB/s received.
 pub fn net(seconds: f64) -> Result<Value, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     let addr = l.local_addr().map_err(|e| e.to_string())?;
     let sender = std::thread::spawn(move || -> Result<(), String> {
         let mut c = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-        let chunk = vec![1u8; 64 << 10];
+        let chunk = vec![1u8; CHUNK];
         let until = Instant::now() + Duration::from_secs_f64(seconds);
         while Instant::now() < until {
             c.write_all(&chunk).map_err(|e| format!("send: {e}"))?;
@@ -211,14 +227,7 @@ pub fn net(seconds: f64) -> Result<Value, String> {
     });
     let (mut s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
     let t = Instant::now();
-    let mut buf = vec![0u8; 64 << 10];
-    let mut total = 0u64;
-    while let Ok(n) = s.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
+    let total = drain(&mut s);
     let secs = t.elapsed().as_secs_f64();
     sender.join().map_err(|_| "sender panicked".to_string())??;
     Ok(json!({ "seconds": secs, "mb_s": total as f64 / 1e6 / secs }))
