@@ -158,7 +158,12 @@ fn assert_report(md: &str) {
     }
 }
 
+// Not in CI yet: on this project's PVM hosts moat's side of quick mode
+// takes about 16 min (every stressor and workload exec runs guest-kernel
+// code in the host's emulator), past the test's 900 s bound and CI's
+// budget. Run it by hand: cargo test -p moat-bench --test isolation_quick -- --ignored
 #[test]
+#[ignore = "takes ~16 min on a PVM host (guest kernel emulated); run with --ignored"]
 fn quick_mode_writes_a_valid_report() {
     let (kernel, initramfs, probe) = match prerequisites() {
         Ok(p) => p,
