@@ -292,7 +292,7 @@ mod tests {
     /// runs and kills. It starts a "VMM" from a thread that then exits, as
     /// a ttrpc handler thread may.
     #[test]
-    #[ignore]
+    #[ignore = "not a test: the child process a_vmm_does_not_outlive_its_shim starts and kills"]
     fn shim_stand_in() {
         let Some(dir) = std::env::var_os(STAND_IN_DIR).map(PathBuf::from) else {
             return;
