@@ -153,8 +153,6 @@ pub struct Containerd {
     env: Vec<(String, String)>,
     /// Tun/tap devices of the host's network namespace before the test.
     taps_before: Vec<String>,
-    /// Named network namespaces before the test.
-    netns_before: Vec<String>,
     /// cgroup directories before the test.
     cgroups_before: Vec<PathBuf>,
     /// The pods (shim groupings) the test ran containers in.
@@ -269,7 +267,6 @@ impl Containerd {
             running: Mutex::new(true),
             env,
             taps_before,
-            netns_before: netns_names(),
             cgroups_before: cgroup_dirs(),
             groupings: Mutex::new(Vec::new()),
         }
@@ -340,6 +337,29 @@ impl Containerd {
             .expect("run ctr")
     }
 
+    /// Deletes a stopped task and its container; the task's exit code as
+    /// ctr reports it (ctr 1.6 exits 0 and warns "task ID exit with
+    /// non-zero exit code N"), or why either delete failed.
+    pub fn delete_task(&self, id: &str) -> Result<Option<i32>, String> {
+        let o = self.ctr(&["tasks", "delete", id]);
+        if !o.status.success() {
+            return Err(format!("delete task {id}: {}", text(&o)));
+        }
+        let err = String::from_utf8_lossy(&o.stderr);
+        let code = match err.split("non-zero exit code ").nth(1) {
+            Some(rest) => rest
+                .split(|ch: char| !ch.is_ascii_digit())
+                .next()
+                .and_then(|n| n.parse().ok()),
+            None => Some(0),
+        };
+        let o = self.ctr(&["containers", "delete", id]);
+        if !o.status.success() {
+            return Err(format!("delete container {id}: {}", text(&o)));
+        }
+        Ok(code)
+    }
+
     /// `ctr run --rm` (or other run flags) with the moat runtime.
     pub fn run(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Output {
         self.note_grouping(flags, id);
@@ -400,8 +420,7 @@ impl Containerd {
     /// under the state directory or the upper directory, no half-built
     /// image in the layer cache, no shim or moat-vmm process started from
     /// this containerd, no mount or loop device of its files, no new tap,
-    /// no new named network namespace of this test, no new cgroup of
-    /// moat's or of the test's pods, no shim socket.
+    /// no new cgroup of moat's or of the test's pods, no shim socket.
     pub fn assert_no_leaks(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -462,14 +481,9 @@ impl Containerd {
                 leaks.push(format!("tap {tap}"));
             }
         }
-        // Other tests on the host may add namespaces and cgroups: only
-        // this test's (its pid in PodNetns names) and moat's count.
-        let me = std::process::id().to_string();
-        for ns in netns_names() {
-            if !self.netns_before.contains(&ns) && ns.contains(&me) {
-                leaks.push(format!("network namespace {ns}"));
-            }
-        }
+        // Other tests on the host may add cgroups: only moat's and this
+        // test's pods' count. (moat makes no named network namespace: a
+        // pod's is CNI's, and a test checks inside it for moat's tap.)
         let groupings = self
             .groupings
             .lock()
@@ -507,16 +521,6 @@ pub fn taps() -> Vec<String> {
     }
     found.sort();
     found
-}
-
-/// Named network namespaces (`ip netns`).
-pub fn netns_names() -> Vec<String> {
-    fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect()
 }
 
 /// cgroup directories down to four levels below /sys/fs/cgroup (where
@@ -673,8 +677,23 @@ pub struct PodNetns {
 }
 
 impl PodNetns {
-    /// `subnet` is the third octet of `10.213.<subnet>.0/24`.
+    /// A pod network on the first `10.213.<n>.0/24`, `n` from `subnet` up,
+    /// that no interface of the host has (a namespace another test left
+    /// would otherwise answer for the gateway). Namespaces of this
+    /// harness whose test process is gone are removed first.
     pub fn create(tag: &str, subnet: u8) -> PodNetns {
+        remove_stale_netns();
+        let addrs = String::from_utf8_lossy(
+            &Command::new("ip")
+                .args(["-o", "-4", "addr"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned();
+        let subnet = (subnet..=254)
+            .find(|n| !addrs.contains(&format!(" 10.213.{n}.")))
+            .expect("a free 10.213.x.0/24 on this host");
         let name = format!("moat-{tag}-{}", std::process::id());
         let host_if = format!("mh{}-{subnet}", std::process::id() % 100_000);
         let n = PodNetns {
@@ -715,6 +734,25 @@ impl PodNetns {
             .args(args)
             .output()
             .unwrap()
+    }
+}
+
+/// Removes the namespaces `PodNetns` named `moat-<tag>-<pid>` for a test
+/// process that no longer runs (one killed before its drop ran).
+fn remove_stale_netns() {
+    for e in fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("moat-")
+            .and_then(|rest| rest.rsplit('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("removing network namespace {name}, left by a test process that is gone");
+            let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        }
     }
 }
 
