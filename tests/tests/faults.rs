@@ -75,25 +75,6 @@ fn run_detached(c: &Containerd, flags: &[&str], id: &str, cmd: &[&str]) {
 /// the emulated guest kernel most of a second).
 const SLEEPER: &[&str] = &["sh", "-c", "sleep 100000 & wait"];
 
-/// Deletes a stopped task and returns the exit code `ctr tasks delete`
-/// reports (the task's), then deletes its container.
-fn delete_task(c: &Containerd, id: &str) -> Option<i32> {
-    let o = c.ctr(&["tasks", "delete", id]);
-    assert!(o.status.success(), "{}", text(&o));
-    // ctr 1.6 warns "task ID exit with non-zero exit code N" and exits 0.
-    let err = String::from_utf8_lossy(&o.stderr);
-    let code = match err.split("non-zero exit code ").nth(1) {
-        Some(rest) => rest
-            .split(|ch: char| !ch.is_ascii_digit())
-            .next()
-            .and_then(|n| n.parse().ok()),
-        None => Some(0),
-    };
-    let o = c.ctr(&["containers", "delete", id]);
-    assert!(o.status.success(), "{}", text(&o));
-    code
-}
-
 /// PIDs of this containerd's processes whose executable names `what`.
 fn pids_of(c: &Containerd, what: &str) -> Vec<i32> {
     pids_with_env_or_arg(&c.dir.to_string_lossy())
@@ -155,14 +136,14 @@ fn containerd_restart_then_a_killed_vmm() {
     let o = c.ctr(&["tasks", "kill", "-s", "SIGKILL", "r1"]);
     assert!(o.status.success(), "{}", text(&o));
     wait_status(&c, "r1", "STOPPED");
-    assert_eq!(delete_task(&c, "r1"), Some(137));
+    assert_eq!(c.delete_task("r1").unwrap(), Some(137));
     elapsed(t, "r1 exec'd and killed after the restart");
 
     let vmms = pids_of(&c, "moat-vmm");
     assert_eq!(vmms.len(), 1, "{vmms:?}");
     signal(vmms[0], libc::SIGKILL);
     wait_status(&c, "r2", "STOPPED");
-    let code = delete_task(&c, "r2");
+    let code = c.delete_task("r2").unwrap();
     assert!(
         code.is_some_and(|c| c != 0),
         "a container whose VM was killed exited {code:?}"
@@ -266,7 +247,7 @@ fn a_guest_kernel_panic_stops_the_task() {
     elapsed(t, "the panicked guest's task stopped");
     // The VM ended with the guest, not at the task's delete.
     assert!(pids_of(&c, "moat-vmm").is_empty(), "the VM still runs");
-    let code = delete_task(&c, "panic");
+    let code = c.delete_task("panic").unwrap();
     assert!(code.is_some_and(|c| c != 0), "exit {code:?}");
     c.assert_no_leaks();
 }
