@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -130,9 +130,9 @@ pub struct ProcessIo {
     pty: OnceLock<Arc<File>>,
     /// The attached input stream, shut down once the process exited.
     stdin_stream: Mutex<Option<UnixStream>>,
-    /// Set by CloseStdin: the input copy forwards what has arrived, then
-    /// closes the process's stdin.
-    stdin_closing: Arc<AtomicBool>,
+    /// Raised by CloseStdin: the input copy forwards what has arrived,
+    /// then closes the process's stdin.
+    stdin_closing: Arc<CloseSignal>,
     drain: Arc<Drain>,
 }
 
@@ -147,7 +147,7 @@ impl ProcessIo {
             stderr: Mutex::new(None),
             pty: OnceLock::new(),
             stdin_stream: Mutex::new(None),
-            stdin_closing: Arc::new(AtomicBool::new(false)),
+            stdin_closing: Arc::new(CloseSignal::new()?),
             drain: Arc::new(Drain::default()),
         };
         if stdio.terminal {
@@ -301,7 +301,7 @@ impl ProcessIo {
             return;
         }
         if self.stdin_stream.lock().unwrap().is_some() {
-            self.stdin_closing.store(true, Ordering::Relaxed);
+            self.stdin_closing.raise();
         } else {
             self.stdin.lock().unwrap().take();
         }
@@ -347,14 +347,15 @@ const BUF: usize = 128 * 1024;
 /// Host -> process. EOF from the host closes the process's stdin.
 /// Host -> process, until the stream ends, or, after CloseStdin, until no
 /// more input is waiting.
-fn copy_in(mut src: UnixStream, sink: &Mutex<Option<File>>, closing: &AtomicBool) {
+fn copy_in(mut src: UnixStream, sink: &Mutex<Option<File>>, close: &CloseSignal) {
     let mut buf = vec![0u8; BUF];
+    let mut closing = false;
     loop {
-        if !readable_within(&src, CLOSE_POLL) {
-            if closing.load(Ordering::Relaxed) {
-                break;
-            }
-            continue;
+        if !closing {
+            closing = wait_input_or_close(&src, close);
+        }
+        if closing && !readable_within(&src, CLOSE_POLL) {
+            break;
         }
         let n = match src.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -369,8 +370,51 @@ fn copy_in(mut src: UnixStream, sink: &Mutex<Option<File>>, closing: &AtomicBool
     sink.lock().unwrap().take();
 }
 
-/// How often an idle input copy looks for a CloseStdin.
+/// After CloseStdin, how long the input stream may stay quiet before the
+/// copy takes it as drained.
 const CLOSE_POLL: Duration = Duration::from_millis(100);
+
+/// CloseStdin's word to an input copy: a pipe whose write end is dropped.
+/// The copy sleeps in poll(2) on its stream and this pipe, rather than
+/// waking every so often to look at a flag: in a guest whose kernel is
+/// emulated, every idle wakeup of every process's input copy costs
+/// host CPU.
+struct CloseSignal {
+    read: OwnedFd,
+    write: Mutex<Option<OwnedFd>>,
+}
+
+impl CloseSignal {
+    fn new() -> Result<CloseSignal> {
+        let (read, write) = pipe(false)?;
+        Ok(CloseSignal {
+            read,
+            write: Mutex::new(Some(write)),
+        })
+    }
+
+    fn raise(&self) {
+        self.write.lock().unwrap().take();
+    }
+}
+
+/// Sleeps until `s` has data, EOF or an error to read, or `close` is
+/// raised; returns whether it was raised.
+fn wait_input_or_close(s: &UnixStream, close: &CloseSignal) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    loop {
+        let mut fds = [
+            PollFd::new(s.as_fd(), PollFlags::POLLIN),
+            PollFd::new(close.read.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            // The read that follows reports the stream's error.
+            Err(_) => return false,
+            Ok(_) => return fds[1].any().unwrap_or(false),
+        }
+    }
+}
 
 /// Whether `s` has data or EOF (or an error) to read within `timeout`.
 fn readable_within(s: &UnixStream, timeout: Duration) -> bool {
