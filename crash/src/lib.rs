@@ -9,6 +9,9 @@
 //! the backtrace reads the executable, which a thread's seccomp filter may
 //! forbid. So the raw return addresses (for `addr2line`) come next, found
 //! without a system call, and the resolved backtrace last.
+//!
+//! [`error_chain`] is how these programs write an error that did not panic:
+//! the error and its causes on one line.
 
 mod frames;
 
@@ -78,11 +81,45 @@ pub fn crash_point(point: &str) {
     let _ = point;
 }
 
+/// An error and its sources as one line: "outer: inner: root cause".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
 
     use super::*;
+
+    #[test]
+    fn error_chain_joins_every_cause() {
+        let outer = Wrapped("write image", std::io::Error::other("disk full"));
+        assert_eq!(error_chain(&outer), "write image: disk full");
+    }
+
+    /// An error with a source, as thiserror's `#[source]` makes them.
+    #[derive(Debug)]
+    struct Wrapped(&'static str, std::io::Error);
+
+    impl std::fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.1)
+        }
+    }
 
     static REPORTS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
 

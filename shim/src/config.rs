@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use moat_vmm_api::limits::{MAX_MEMORY_MIB, MAX_VCPUS};
+use moat_vmm_api::limits::{MAX_MEMORY_MIB, MAX_SOCKET_PATH, MAX_VCPUS};
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -27,6 +27,11 @@ pub const JAIL_IDS: u32 = 65536;
 /// The longest any configured timeout may be (a day): deadlines computed
 /// from it cannot overflow.
 pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
+/// The longest `state_dir`: a sandbox's sockets,
+/// `<state_dir>/<sandbox name>/<socket>`, must fit moat-vmm's
+/// [`MAX_SOCKET_PATH`] with room left for a sandbox name (at worst a hash).
+pub const MAX_STATE_DIR: usize = 30;
+const _: () = assert!(MAX_STATE_DIR + 40 <= MAX_SOCKET_PATH);
 
 /// Why the shim's configuration file cannot be used.
 #[derive(Debug, Error)]
@@ -257,10 +262,11 @@ impl Config {
             );
         }
         // Sockets live in the state directory and must fit sun_path.
-        if self.state_dir.as_os_str().len() > 30 {
-            return invalid(
-                "state_dir must be at most 30 bytes long, so socket paths stay under 108 bytes",
-            );
+        if self.state_dir.as_os_str().len() > MAX_STATE_DIR {
+            return Err(format!(
+                "state_dir must be at most {MAX_STATE_DIR} bytes long, so that socket paths \
+                 under it fit in {MAX_SOCKET_PATH} bytes"
+            ));
         }
         Ok(())
     }
@@ -407,6 +413,6 @@ mod tests {
         let e = parse("state_dir = \"/a/very/long/state/directory/path/that/is/too/long\"")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("108"), "{e}");
+        assert!(e.contains(&MAX_SOCKET_PATH.to_string()), "{e}");
     }
 }

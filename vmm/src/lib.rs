@@ -27,14 +27,4 @@ pub mod seccomp;
 pub mod vmm;
 pub mod vstate;
 
-/// An error and its sources as one line: "outer: inner: root cause".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+pub use moat_crash::error_chain;

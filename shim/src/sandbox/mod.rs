@@ -60,7 +60,7 @@ pub enum SandboxError {
     #[error("VMM API error: {0}")]
     Api(String),
     /// A request to moat-vmm's API failed.
-    #[error("failed to {what}: {}", with_causes(source))]
+    #[error("failed to {what}: {}", moat_crash::error_chain(source))]
     VmmApi {
         /// The request, as a verb phrase.
         what: String,
@@ -99,17 +99,6 @@ pub enum SandboxError {
     /// The pod's network could not be set up.
     #[error("pod network: {0}")]
     Network(#[from] NetworkError),
-}
-
-/// An error and its causes on one line, as the shim's other errors read.
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    text
 }
 
 /// The state directory of a sandbox: `<state_dir>/<id>`, with long ids
