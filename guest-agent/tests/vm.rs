@@ -37,7 +37,7 @@ const PER_CASE: Duration = Duration::from_secs(300);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(300);
 /// The agent's default pids limit here: small, so `fork_bomb` fills it
 /// fast in an emulated guest.
-const PIDS_LIMIT: u32 = 64;
+const PIDS_LIMIT: u32 = 32;
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -527,9 +527,10 @@ pub fn fork_bomb(env: &Env) {
     let (mut peak, mut answers) = (0, 0);
     // Generous: on a PVM host each fork of the bomb and each answer of the
     // agent is guest-kernel work the host emulates, with another VM test
-    // beside this one (CI took 120 s to see 59 of 64 and fewer than three
-    // answers since). The agent's answers are bounded below, one by one,
-    // and the harness bounds the whole case.
+    // beside this one (with a limit of 64, CI took 120 s to see 59 and
+    // fewer than three answers since; a run here took 219 s in all). The
+    // agent's answers are bounded below, one by one, and the harness
+    // bounds the whole case.
     let deadline = Instant::now() + Duration::from_secs(240);
     // Until the bomb has filled its cgroup, and the agent has answered
     // a few times since.
