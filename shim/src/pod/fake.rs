@@ -243,7 +243,7 @@ impl PodVm for FakeVm {
                 for s in &serials {
                     release(&mut slots, s);
                 }
-                return Err(SandboxError::NoBlockSlot);
+                return Err(SandboxError::NoBlockSlot(slots.len()));
             };
             slots[i] = 1;
             serials.push(format!("b{i}"));

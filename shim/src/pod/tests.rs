@@ -222,6 +222,12 @@ fn a_failed_second_create_releases_its_slots_and_keeps_the_pod() {
         .for_each(|u| *u = 1);
     let e = err(h.pod.create(h.request("c3")));
     assert!(matches!(e, PodError::ResourceExhausted(_)), "{e}");
+    // It says how many slots the VM has and which setting gives more.
+    let text = e.to_string();
+    assert!(
+        text.contains("all 16 are in use") && text.contains("spare_block_slots"),
+        "{text}"
+    );
     vm.slots
         .lock()
         .unwrap()

@@ -93,9 +93,15 @@ pub enum SandboxError {
     /// A call to the guest agent failed.
     #[error(transparent)]
     Agent(#[from] ClientError),
-    /// Every block slot of the VM is taken.
-    #[error("no free block slot in the VM for another disk (at most {MAX_BLOCK_SLOTS})")]
-    NoBlockSlot,
+    /// Every block slot of the VM is taken: it has `0` slots (the disks
+    /// it booted with and `spare_block_slots`, at most [`MAX_BLOCK_SLOTS`]
+    /// less one per network interface).
+    #[error(
+        "no free block slot in the VM for another disk: all {0} are in use \
+         (a pod VM gets spare_block_slots more than its first container's \
+         disks, up to {MAX_BLOCK_SLOTS})"
+    )]
+    NoBlockSlot(usize),
     /// The pod's network could not be set up.
     #[error("pod network: {0}")]
     Network(#[from] NetworkError),
@@ -224,7 +230,7 @@ impl Sandbox {
         // Each interface takes an interrupt a block slot would have had.
         let max_slots = MAX_BLOCK_SLOTS.saturating_sub(taps.len());
         if disks.len() > max_slots {
-            return Err(SandboxError::NoBlockSlot);
+            return Err(SandboxError::NoBlockSlot(max_slots));
         }
         fs::DirBuilder::new()
             .recursive(true)
@@ -307,7 +313,7 @@ impl Sandbox {
             }
             let Some(s) = slots.iter_mut().find(|s| s.users == 0) else {
                 self.release_locked(&mut slots, &serials);
-                return Err(SandboxError::NoBlockSlot);
+                return Err(SandboxError::NoBlockSlot(slots.len()));
             };
             // The shim opens the file and passes it: the VMM, jailed, may
             // open no file at all (not even a host device passed through).
