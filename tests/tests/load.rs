@@ -12,11 +12,14 @@
 //! teardown is under load too.
 //!
 //! Size: 4 pods of 5 (20 containers a round) is the full load, run by hand
-//! with `MOAT_LOAD_PODS=4 MOAT_LOAD_PER_POD=5`. On this project's 2-core
-//! PVM CI machines the guest kernel is emulated: a container costs 20-40 s
-//! of guest vCPU (each fork and exec in the guest about a second), and a
-//! round of 20 took 21 minutes, so CI runs 2 pods of 3 (6 a round, 18 in
-//! all) to stay inside its 60 minutes.
+//! with `MOAT_LOAD_PODS=4 MOAT_LOAD_PER_POD=5` (or 3 pods of 7). On this
+//! project's 2-core PVM CI machines the guest kernel is emulated: a
+//! container costs 20-40 s of guest vCPU (each fork and exec in the guest
+//! about a second). A round of 21 (3 pods of 7) took 10 minutes, one of
+//! 6 about 2, so CI runs 2 pods of 3 (18 containers in all) to stay inside
+//! its 60 minutes. A pod holds at most 9 containers with the default
+//! `spare_block_slots` (busybox's one layer disk is shared, and each
+//! container has an upper disk of its own).
 
 use std::sync::Arc;
 use std::thread;
