@@ -374,27 +374,31 @@ fn copy_in(mut src: UnixStream, sink: &Mutex<Option<File>>, close: &CloseSignal)
 /// copy takes it as drained.
 const CLOSE_POLL: Duration = Duration::from_millis(100);
 
-/// CloseStdin's word to an input copy: a pipe whose write end is dropped.
-/// The copy sleeps in poll(2) on its stream and this pipe, rather than
-/// waking every so often to look at a flag: in a guest whose kernel is
-/// emulated, every idle wakeup of every process's input copy costs
-/// host CPU.
+/// CloseStdin's word to an input copy: a byte in a pipe. The copy sleeps
+/// in poll(2) on its stream and this pipe, rather than waking every so
+/// often to look at a flag: in a guest whose kernel is emulated, every
+/// idle wakeup of every process's input copy costs host CPU. (A byte, not
+/// closing the write end: a child forked meanwhile, such as a created
+/// container waiting for its start, holds a copy of that end until it
+/// execs.)
 struct CloseSignal {
     read: OwnedFd,
-    write: Mutex<Option<OwnedFd>>,
+    write: OwnedFd,
 }
 
 impl CloseSignal {
     fn new() -> Result<CloseSignal> {
-        let (read, write) = pipe(false)?;
-        Ok(CloseSignal {
-            read,
-            write: Mutex::new(Some(write)),
-        })
+        // Non-blocking: a raise never waits on a full pipe.
+        let (read, write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .ctx(|| "pipe".into())?;
+        Ok(CloseSignal { read, write })
     }
 
     fn raise(&self) {
-        self.write.lock().unwrap().take();
+        // The pipe is never read: one byte keeps it readable for good, and
+        // a full one (EAGAIN, after 64 KiB of raises) is readable already.
+        let _ = nix::unistd::write(&self.write, &[1]);
     }
 }
 
