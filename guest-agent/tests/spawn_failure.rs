@@ -53,6 +53,8 @@ fn agent_binary() -> PathBuf {
 struct Fixture {
     agent: Child,
     cgroup: PathBuf,
+    /// The agent's cgroup2 root, which the agent creates.
+    agent_cgroup: PathBuf,
     dir: PathBuf,
 }
 
@@ -61,8 +63,20 @@ impl Drop for Fixture {
         let _ = self.agent.kill();
         let _ = self.agent.wait();
         let _ = std::fs::remove_dir(&self.cgroup);
+        remove_cgroup_tree(&self.agent_cgroup);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Removes a cgroup and the ones under it, deepest first (a cgroup
+/// directory goes with rmdir, once it has no process and no child).
+fn remove_cgroup_tree(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup_tree(&e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 fn write(path: &Path, value: &str) {
@@ -91,6 +105,7 @@ fn ttrpc_thread_spawn_failure_does_not_end_the_agent() {
         .into_iter()
         .find(|m| Path::new(m).join("cgroup.controllers").exists())
         .expect("a cgroup2 mount");
+    let agent_cgroup = Path::new(cg2).join(format!("moat-agent-spawn-{pid}"));
     let mut fx = Fixture {
         agent: Command::new("unshare")
             .args(["-m", "--propagation", "private"])
@@ -98,13 +113,14 @@ fn ttrpc_thread_spawn_failure_does_not_end_the_agent() {
             .arg("--unix")
             .arg(&base)
             .args(["--cgroup-mount", cg2, "--cgroup-root"])
-            .arg(Path::new(cg2).join(format!("moat-agent-spawn-{pid}")))
+            .arg(&agent_cgroup)
             .arg("--state-dir")
             .arg(dir.join("state"))
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the agent"),
         cgroup: cgroup.clone(),
+        agent_cgroup,
         dir,
     };
     let mut lines = BufReader::new(fx.agent.stderr.take().unwrap()).lines();
