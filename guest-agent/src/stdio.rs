@@ -130,9 +130,11 @@ pub struct ProcessIo {
     pty: OnceLock<Arc<File>>,
     /// The attached input stream, shut down once the process exited.
     stdin_stream: Mutex<Option<UnixStream>>,
-    /// Raised by CloseStdin: the input copy forwards what has arrived,
-    /// then closes the process's stdin.
-    stdin_closing: Arc<CloseSignal>,
+    /// Made when an input stream is attached (a process without one, or
+    /// with a terminal, never needs it) and raised by CloseStdin: the
+    /// input copy forwards what has arrived, then closes the process's
+    /// stdin.
+    stdin_closing: OnceLock<Arc<CloseSignal>>,
     drain: Arc<Drain>,
 }
 
@@ -147,7 +149,7 @@ impl ProcessIo {
             stderr: Mutex::new(None),
             pty: OnceLock::new(),
             stdin_stream: Mutex::new(None),
-            stdin_closing: Arc::new(CloseSignal::new()?),
+            stdin_closing: OnceLock::new(),
             drain: Arc::new(Drain::default()),
         };
         if stdio.terminal {
@@ -232,10 +234,11 @@ impl ProcessIo {
     fn start_copy(&self, kind: StreamKind, s: UnixStream) -> Result<()> {
         match kind {
             StreamKind::Stdin => {
+                let close = Arc::new(CloseSignal::new()?);
+                let close = self.stdin_closing.get_or_init(|| close).clone();
                 *self.stdin_stream.lock().unwrap() = Some(s.try_clone().ctx(|| "dup".into())?);
                 let sink = self.stdin.clone();
-                let closing = self.stdin_closing.clone();
-                spawn_named("stdin", move || copy_in(s, &sink, &closing));
+                spawn_named("stdin", move || copy_in(s, &sink, Some(&close)));
             }
             StreamKind::Stdout | StreamKind::Stderr => {
                 let src = if kind == StreamKind::Stdout {
@@ -254,8 +257,8 @@ impl ProcessIo {
                 *self.stdin_stream.lock().unwrap() = Some(s.try_clone().ctx(|| "dup".into())?);
                 let m = master.try_clone().ctx(|| "dup".into())?;
                 let sink = Arc::new(Mutex::new(Some(m)));
-                let closing = self.stdin_closing.clone();
-                spawn_named("pty-in", move || copy_in(input, &sink, &closing));
+                // A terminal's input is never closed (see `close_stdin`).
+                spawn_named("pty-in", move || copy_in(input, &sink, None));
                 let out = master.try_clone().ctx(|| "dup".into())?;
                 self.copy_out(out, s);
             }
@@ -300,8 +303,8 @@ impl ProcessIo {
         if self.stdio.terminal {
             return;
         }
-        if self.stdin_stream.lock().unwrap().is_some() {
-            self.stdin_closing.raise();
+        if let Some(close) = self.stdin_closing.get() {
+            close.raise();
         } else {
             self.stdin.lock().unwrap().take();
         }
@@ -344,14 +347,14 @@ fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) {
 
 const BUF: usize = 128 * 1024;
 
-/// Host -> process. EOF from the host closes the process's stdin.
-/// Host -> process, until the stream ends, or, after CloseStdin, until no
-/// more input is waiting.
-fn copy_in(mut src: UnixStream, sink: &Mutex<Option<File>>, close: &CloseSignal) {
+/// Host -> process, until the stream ends (EOF from the host closes the
+/// process's stdin), or, once `close` is raised, until no more input is
+/// waiting.
+fn copy_in(mut src: UnixStream, sink: &Mutex<Option<File>>, close: Option<&CloseSignal>) {
     let mut buf = vec![0u8; BUF];
     let mut closing = false;
     loop {
-        if !closing {
+        if let (false, Some(close)) = (closing, close) {
             closing = wait_input_or_close(&src, close);
         }
         if closing && !readable_within(&src, CLOSE_POLL) {

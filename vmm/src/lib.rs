@@ -26,5 +26,3 @@ pub mod privileges;
 pub mod seccomp;
 pub mod vmm;
 pub mod vstate;
-
-pub use moat_crash::error_chain;

@@ -30,7 +30,7 @@ fn main() {
     {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("moat-vmm: error: {}", moat_vmm::error_chain(&e));
+            eprintln!("moat-vmm: error: {}", moat_crash::error_chain(&e));
             ExitCode::SetupError
         }
     };

@@ -275,7 +275,7 @@ impl VmControl for Controller {
             .ok_or_else(|| ApiError::NotFound(format!("No block device {id:?}")))?;
         handle
             .replace_backing(source, read_only)
-            .map_err(|e| ApiError::BadRequest(crate::error_chain(&e)))
+            .map_err(|e| ApiError::BadRequest(moat_crash::error_chain(&e)))
     }
 }
 

@@ -29,6 +29,12 @@ use vmm::Vmm;
 
 const VMM_PID_FILE: &str = "vmm.pid";
 const VSOCK_SOCKET: &str = "vsock.sock";
+/// What a hashed sandbox name always has: `-` and 16 hex digits.
+const HASHED_NAME_SUFFIX: usize = 17;
+// Under the longest state_dir there is still room for a hashed name.
+const _: () = assert!(
+    MAX_SOCKET_PATH - crate::config::MAX_STATE_DIR - VSOCK_SOCKET.len() - 2 > HASHED_NAME_SUFFIX
+);
 
 /// Block slots and network interfaces together: every VM also has a vsock
 /// and an rng device, and moat-vmm takes at most [`MAX_VIRTIO_DEVICES`].
@@ -102,6 +108,14 @@ pub enum SandboxError {
          disks, up to {MAX_BLOCK_SLOTS})"
     )]
     NoBlockSlot(usize),
+    /// A VM cannot boot with this many disks.
+    #[error("{disks} disks do not fit in a VM, which takes at most {slots}")]
+    TooManyDisks {
+        /// The disks asked for.
+        disks: usize,
+        /// The VM's block slots (less one per network interface).
+        slots: usize,
+    },
     /// The pod's network could not be set up.
     #[error("pod network: {0}")]
     Network(#[from] NetworkError),
@@ -137,7 +151,7 @@ fn dir_name(cfg: &Config, id: &str) -> String {
         let keep: String = id
             .chars()
             .filter(|c| c.is_ascii_alphanumeric())
-            .take(room.saturating_sub(17).min(40))
+            .take(room.saturating_sub(HASHED_NAME_SUFFIX).min(40))
             .collect();
         format!("{keep}-{:016x}", fnv1a(id.as_bytes()))
     }
@@ -230,7 +244,10 @@ impl Sandbox {
         // Each interface takes an interrupt a block slot would have had.
         let max_slots = MAX_BLOCK_SLOTS.saturating_sub(taps.len());
         if disks.len() > max_slots {
-            return Err(SandboxError::NoBlockSlot(max_slots));
+            return Err(SandboxError::TooManyDisks {
+                disks: disks.len(),
+                slots: max_slots,
+            });
         }
         fs::DirBuilder::new()
             .recursive(true)

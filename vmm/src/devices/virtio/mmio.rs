@@ -380,7 +380,7 @@ impl MmioTransport {
             error!(
                 "virtio-mmio: cannot activate device type {}: {}",
                 self.device.device_type(),
-                crate::error_chain(&err)
+                moat_crash::error_chain(&err)
             );
             self.fail_activation();
         }

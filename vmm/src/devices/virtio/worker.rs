@@ -221,7 +221,7 @@ fn ring_failed(name: &str, interrupt: &Interrupt, err: &RingError) {
     if RING_ERRORS.allow() {
         error!(
             "{name}: {}; stopped until the driver resets the device",
-            crate::error_chain(err)
+            moat_crash::error_chain(err)
         );
     }
     if let Err(err) = interrupt.signal_needs_reset() {
