@@ -4,6 +4,7 @@
 
 pub mod annotations;
 pub mod config;
+pub mod daemon_socket;
 pub mod events;
 mod network;
 pub mod pod;

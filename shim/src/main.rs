@@ -11,7 +11,6 @@
 use std::collections::HashMap;
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::{AsRawFd, IntoRawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -27,7 +26,7 @@ use containerd_shim::{DeleteResponse, ExitSignal, Flags};
 use thiserror::Error;
 
 use containerd_shim_moat_v1::config::Config;
-use containerd_shim_moat_v1::{annotations, events, pod, sandbox, task};
+use containerd_shim_moat_v1::{annotations, daemon_socket, events, pod, sandbox, task};
 
 const RUNTIME_ID: &str = "io.containerd.moat.v1";
 const TTRPC_ADDRESS: &str = "TTRPC_ADDRESS";
@@ -134,10 +133,6 @@ fn socket_path(address: &str) -> &str {
     address.strip_prefix("unix://").unwrap_or(address)
 }
 
-fn socket_alive(path: &str) -> bool {
-    UnixStream::connect(path).is_ok()
-}
-
 /// `start`: starts the pod's shim daemon unless it runs already, and prints
 /// the address containerd should connect to.
 fn start(flags: &Flags) -> Result<(), ShimError> {
@@ -157,10 +152,10 @@ fn start(flags: &Flags) -> Result<(), ShimError> {
     }
     let grouping = grouping_of_cwd(&flags.id);
     let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &grouping);
-    let path = socket_path(&address).to_owned();
+    let path = Path::new(socket_path(&address)).to_owned();
 
-    if !socket_alive(&path) {
-        if let Some(dir) = Path::new(&path).parent() {
+    if !daemon_socket::alive(&path) {
+        if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
         }
         let exe = std::env::current_exe().map_err(io_err("find the shim binary"))?;
@@ -189,7 +184,7 @@ fn start(flags: &Flags) -> Result<(), ShimError> {
         if let Some(mut out) = child.stdout.take() {
             let _ = out.read_to_string(&mut report);
         }
-        if !socket_alive(&path) {
+        if !daemon_socket::alive(&path) {
             let status = child.try_wait().ok().flatten();
             let report = report.trim();
             return Err(ShimError::Daemon(if report.is_empty() {
@@ -227,14 +222,11 @@ fn delete(flags: &Flags) -> Result<(), ShimError> {
     // of a pod closes; while the pod's daemon still serves, the VM and the
     // other containers' files are its own.
     let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &grouping);
-    let path = socket_path(&address);
-    if !socket_alive(path) {
+    let path = Path::new(socket_path(&address));
+    if !daemon_socket::alive(path) {
         sandbox::cleanup_dead(&cfg, &grouping, &flags.id);
-        // A daemon killed by a signal left its socket file; asked again
-        // right before, so that a daemon started since keeps its own.
-        if !socket_alive(path) {
-            let _ = std::fs::remove_file(path);
-        }
+        // A daemon killed by a signal left its socket file.
+        daemon_socket::remove_if_dead(path);
     }
     // Nothing is mounted on the host, but a bundle may carry a leftover rootfs mount.
     let _ = nix::mount::umount2("rootfs", nix::mount::MntFlags::MNT_DETACH);
@@ -247,24 +239,6 @@ fn delete(flags: &Flags) -> Result<(), ShimError> {
     let mut out = std::io::stdout().lock();
     resp.write_to_writer(&mut out)?;
     out.flush().map_err(io_err("write the delete response"))
-}
-
-/// Binds the daemon's socket; `None` when a live daemon already serves it
-/// (two containers of one pod started at once).
-fn bind(path: &str) -> Result<Option<UnixListener>, ShimError> {
-    match UnixListener::bind(path) {
-        Ok(l) => Ok(Some(l)),
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            if socket_alive(path) {
-                return Ok(None);
-            }
-            let _ = std::fs::remove_file(path);
-            UnixListener::bind(path)
-                .map(Some)
-                .map_err(io_err(format!("bind {path}")))
-        }
-        Err(e) => Err(io_err(format!("bind {path}"))(e)),
-    }
 }
 
 /// Stops writing to the `start` process's pipe, which tells it we serve.
@@ -314,8 +288,10 @@ fn serve_inner(flags: &Flags) -> Result<(), ShimError> {
         log_to_containerd();
     }
     moat_crash::crash_point("shim-serve");
-    let path = socket_path(&flags.socket).to_owned();
-    let Some(listener) = bind(&path)? else {
+    let path = Path::new(socket_path(&flags.socket)).to_owned();
+    let Some(listener) =
+        daemon_socket::claim(&path).map_err(io_err(format!("bind {}", path.display())))?
+    else {
         return Ok(());
     };
     let ttrpc_address = std::env::var(TTRPC_ADDRESS).unwrap_or_default();
@@ -346,9 +322,9 @@ fn serve_inner(flags: &Flags) -> Result<(), ShimError> {
     log::info!("moat shim serving {} for {}", flags.socket, flags.id);
     close_stdout();
     exit.wait();
+    daemon_socket::release(&path);
     // Let the last reply (Shutdown) go out before the server stops.
     std::thread::sleep(Duration::from_millis(50));
     server.shutdown();
-    let _ = std::fs::remove_file(&path);
     Ok(())
 }
