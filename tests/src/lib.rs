@@ -465,7 +465,8 @@ impl Containerd {
         }
         let marker = self.dir.to_string_lossy().into_owned();
         for pid in pids_with_env_or_arg(&marker) {
-            leaks.push(format!("process {pid}"));
+            let threads = pid.split(' ').next().map(thread_states).unwrap_or_default();
+            leaks.push(format!("process {pid}; threads: {threads}"));
         }
         let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
         for m in mounts.lines().filter(|l| l.contains(&marker)) {
@@ -579,6 +580,22 @@ pub fn vmm_pids(marker: &str) -> Vec<String> {
         .collect()
 }
 
+/// What each thread of `pid` is doing (name, state, kernel wait
+/// channel), for the report of a leaked process.
+fn thread_states(pid: &str) -> String {
+    let tasks = Path::new("/proc").join(pid).join("task");
+    let mut out = Vec::new();
+    for t in fs::read_dir(tasks).into_iter().flatten().flatten() {
+        let read = |f: &str| fs::read_to_string(t.path().join(f)).unwrap_or_default();
+        let state = read("stat")
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').next().map(str::to_owned))
+            .unwrap_or_default();
+        out.push(format!("{} {state} {}", read("comm").trim(), read("wchan")));
+    }
+    out.join(", ")
+}
+
 /// Processes (shims, VMMs) whose command line or environment names `marker`,
 /// other than containerd itself and this test.
 pub fn pids_with_env_or_arg(marker: &str) -> Vec<String> {
@@ -598,10 +615,12 @@ pub fn pids_with_env_or_arg(marker: &str) -> Vec<String> {
             continue;
         }
         let cmdline = fs::read(p.path().join("cmdline")).unwrap_or_default();
+        let cmdline_len = cmdline.len();
         let environ = fs::read(p.path().join("environ")).unwrap_or_default();
         let hay = [cmdline, environ].concat();
         if String::from_utf8_lossy(&hay).contains(marker) {
-            found.push(format!("{name} ({exe})"));
+            let args = String::from_utf8_lossy(&hay[..cmdline_len]).replace('\0', " ");
+            found.push(format!("{name} ({exe}) {}", args.trim_end()));
         }
     }
     found
