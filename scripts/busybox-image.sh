@@ -1,11 +1,14 @@
 #!/bin/bash
 # Builds a single-layer OCI image archive of Debian's busybox-static,
 # named docker.io/library/busybox:latest, without any registry:
-#   scripts/busybox-image.sh OUT.tar [NAME]
+#   scripts/busybox-image.sh OUT.tar [NAME [CMD-JSON]]
 # then: ctr images import OUT.tar
+# CMD-JSON is the image's Cmd (default ["sh"]); the CRI tests' pause image
+# is this one with ["sleep","2147483647"] (killed with SIGKILL at pod stop).
 set -euo pipefail
 out=$(realpath -m "$1")
 name=${2:-docker.io/library/busybox:latest}
+cmd_json=${3:-'["sh"]'}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -29,7 +32,7 @@ tar --sort=name --owner=0 --group=0 --numeric-owner --mtime='2026-01-01 00:00Z' 
 layer_size=$(stat -c %s "$work/layer.tar")
 layer=$(blob "$work/layer.tar")
 cat >"$work/config.json" <<JSON
-{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"]},"rootfs":{"type":"layers","diff_ids":["sha256:$layer"]}}
+{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":$cmd_json},"rootfs":{"type":"layers","diff_ids":["sha256:$layer"]}}
 JSON
 config_size=$(stat -c %s "$work/config.json")
 config=$(blob "$work/config.json")

@@ -7,6 +7,8 @@ PACKAGES=(
   linux-source-6.12 build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils
   # runtime and tests: containerd + runc to compare, images, taps and netns
   containerd runc busybox-static erofs-utils e2fsprogs iproute2 util-linux python3
+  # the CRI tests: pod networks, and protoc for the CRI client's build (k8s-cri)
+  containernetworking-plugins protobuf-compiler
   # the isolation benchmark: its image script, and the runtimes it compares
   jq crun runsc
 )

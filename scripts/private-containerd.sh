@@ -8,6 +8,10 @@
 # start: containerd inherits this environment (PATH finds the shim,
 # MOAT_CONFIG names the shim's config) and logs at LEVEL (default info;
 # debug also passes -debug to the shims) to DIR/containerd.log.
+# With MOAT_CRI=1, start also serves Kubernetes' CRI on the same socket:
+# handlers runc and moat; pod networks from Debian's CNI plugins (bridge
+# MOAT_CRI_BRIDGE on MOAT_CRI_SUBNET, host-local, portmap; stop removes
+# the bridge); the pause image MOAT_CRI_PAUSE (built locally: no registry).
 # stop: kills and deletes every task, stops containerd, kills the moat
 # shims and VMs still serving it, unmounts what it left under DIR and
 # removes DIR (kept, for its logs, if MOAT_TEST_KEEP
@@ -22,13 +26,51 @@ sock=$dir/containerd.sock
 # ctr on a wedged containerd must not hang the caller.
 ctr_() { timeout -s KILL 60 ctr -a "$sock" "$@"; }
 
+# The CRI plugin's part of the config (MOAT_CRI=1), or its disabling.
+cri_config() {
+  if [ -z "${MOAT_CRI:-}" ]; then
+    echo 'disabled_plugins = ["io.containerd.grpc.v1.cri"]'
+    return
+  fi
+  local bridge=${MOAT_CRI_BRIDGE:-moatcri0}
+  mkdir -p "$dir/cni"
+  echo "$bridge" >"$dir/cni-bridge"
+  cat >"$dir/cni/10-moat-cri.conflist" <<JSON
+{"cniVersion": "1.0.0", "name": "moat-cri", "plugins": [
+  {"type": "bridge", "bridge": "$bridge", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "dataDir": "$dir/cni-ipam",
+            "ranges": [[{"subnet": "${MOAT_CRI_SUBNET:-10.214.0.0/24}"}]],
+            "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "portmap", "capabilities": {"portMappings": true}}
+]}
+JSON
+  # restrict_oom_score_adj: without CAP_SYS_RESOURCE (as in CI's
+  # containers) runc cannot lower a pod's oom_score_adj.
+  cat <<TOML
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "${MOAT_CRI_PAUSE:-registry.k8s.io/pause:3.6}"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$dir/cni"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.moat]
+      runtime_type = "io.containerd.moat.v1"
+TOML
+}
+
 start() {
   mkdir -p "$dir"
   cat >"$dir/config.toml" <<TOML
 version = 2
 root = "$dir/root"
 state = "$dir/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+$(cri_config)
 [grpc]
   address = "$sock"
 [ttrpc]
@@ -89,6 +131,9 @@ stop() {
   fi
   stop_containerd
   kill_leftovers
+  if [ -f "$dir/cni-bridge" ]; then
+    ip link del "$(cat "$dir/cni-bridge")" 2>/dev/null || true
+  fi
   # Unmount what containerd left (snapshots, shm) before removing its root.
   grep -o " $dir/[^ ]*" /proc/self/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
   if [ -z "${MOAT_TEST_KEEP:-}" ]; then

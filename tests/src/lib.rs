@@ -3,6 +3,8 @@
 //! config of its own, a locally built busybox image, and leak checks.
 //! Everything is stopped on drop.
 
+pub mod cri;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
