@@ -18,6 +18,7 @@ use crate::config::{Config, UpperKind};
 use crate::network;
 use crate::process::Process;
 use crate::rootfs::{self, Disk, LayerCache, MountSpec, Prepared, RootfsPlan, UpperSpec};
+use crate::sandbox::cgroup::{self, HostCgroupPlan};
 use crate::sandbox::{sandbox_dir, upper_dir, upper_image};
 use crate::stdio::StdioSpec;
 use crate::volumes;
@@ -51,6 +52,8 @@ pub struct CreatePlan {
     pub upper_dir: PathBuf,
     pub work_dir: PathBuf,
     pub netns: Option<PathBuf>,
+    /// The host cgroup of the VM's VMM, should this create boot it.
+    pub host_cgroup: HostCgroupPlan,
     /// Empty block slots a VM booted by this create gets.
     pub spare_slots: usize,
 }
@@ -82,7 +85,11 @@ impl CreatePlan {
         }
         let bundle = Path::new(&req.bundle);
         let (spec, mut value) = read_spec(bundle)?;
+        refuse_host_namespaces(&value)?;
         let netns = network::netns_path(&value);
+        let cgroups_path = value["linux"]["cgroupsPath"].as_str().unwrap_or_default();
+        let host_cgroup = cgroup::plan(Path::new(cgroup::CGROUP_ROOT), cgroups_path)
+            .map_err(|e| invalid(format!("linux.cgroupsPath: {e}")))?;
         network::guest_spec(&mut value);
         let (volumes, copies) = volumes::plan(&mut value, &req.id).map_err(invalid)?;
         let spec_json = serde_json::to_vec(&value)
@@ -125,8 +132,29 @@ impl CreatePlan {
             grouping,
             sandbox_dir,
             netns,
+            host_cgroup,
         })
     }
+}
+
+/// A VM has a network and processes of its own: a spec that shares the
+/// host's network or pid namespace (no `network` or `pid` entry in
+/// `linux.namespaces`: a Kubernetes hostNetwork or hostPID pod, `ctr run
+/// --net-host`) cannot be honoured, and is refused rather than silently
+/// given the guest's.
+fn refuse_host_namespaces(spec: &serde_json::Value) -> PodResult<()> {
+    let namespaces = spec["linux"]["namespaces"].as_array();
+    let has = |kind: &str| namespaces.is_some_and(|ns| ns.iter().any(|n| n["type"] == kind));
+    for (kind, what) in [("network", "network"), ("pid", "process (pid)")] {
+        if !has(kind) {
+            return Err(invalid(format!(
+                "the spec shares the host's {what} namespace (no {kind:?} entry in \
+                 linux.namespaces: hostNetwork, hostPID, --net-host); a container in a \
+                 moat VM cannot share the host's namespaces"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A container's host resources. Dropping it releases them: its block

@@ -205,6 +205,7 @@ impl Pod {
             disks: &disks,
             spare_slots: plan.spare_slots,
             netns: plan.netns.as_deref(),
+            host_cgroup: &plan.host_cgroup,
         };
         let vm = self
             .launcher

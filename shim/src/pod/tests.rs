@@ -162,6 +162,43 @@ fn bad_calls_get_clear_errors() {
     assert!(e.to_string().contains("is running"), "{e}");
 }
 
+/// hostNetwork and hostPID specs, and a cgroupsPath that climbs out of
+/// the hierarchy, are refused before anything is built.
+#[test]
+fn specs_a_vm_cannot_honour_are_refused() {
+    let h = harness(FakeLauncher::default());
+    let edit = |id: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let req = h.request(id);
+        let path = Path::new(&req.bundle).join("config.json");
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        f(&mut spec);
+        fs::write(&path, spec.to_string()).unwrap();
+        req
+    };
+    let drop_ns = |kind: &'static str| {
+        move |spec: &mut serde_json::Value| {
+            let ns = spec["linux"]["namespaces"].as_array_mut().unwrap();
+            ns.retain(|n| n["type"] != kind);
+        }
+    };
+    let e = err(h.pod.create(edit("hostnet", &drop_ns("network"))));
+    assert!(matches!(e, PodError::InvalidArgument(_)), "{e}");
+    assert!(e.to_string().contains("host's network namespace"), "{e}");
+    let e = err(h.pod.create(edit("hostpid", &drop_ns("pid"))));
+    assert!(
+        e.to_string().contains("host's process (pid) namespace"),
+        "{e}"
+    );
+    let e = err(h.pod.create(edit("climb", &|s| {
+        s["linux"]["cgroupsPath"] = "/kubepods/../../etc".into();
+    })));
+    assert!(matches!(e, PodError::InvalidArgument(_)), "{e}");
+    assert!(e.to_string().contains("'..'"), "{e}");
+    assert!(!h.sandbox_dir().exists());
+    assert!(h.pod.is_empty());
+}
+
 #[test]
 fn a_created_task_killed_before_start_exits_with_the_signal() {
     let h = harness(FakeLauncher::default());

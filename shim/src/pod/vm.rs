@@ -11,7 +11,8 @@ use crate::annotations::VmSize;
 use crate::config::Config;
 use crate::network::PodNetwork;
 use crate::rootfs::Disk;
-use crate::sandbox::{Sandbox, SandboxError};
+use crate::sandbox::cgroup::HostCgroupPlan;
+use crate::sandbox::{HostPlacement, Sandbox, SandboxError};
 
 /// One booted VM with a connected agent.
 pub trait PodVm: Send + Sync {
@@ -47,6 +48,8 @@ pub struct BootSpec<'a> {
     pub spare_slots: usize,
     /// The pod's network namespace, if any.
     pub netns: Option<&'a Path>,
+    /// The host cgroup the VMM joins.
+    pub host_cgroup: &'a HostCgroupPlan,
 }
 
 /// Boots VMs.
@@ -97,7 +100,19 @@ impl VmLauncher for SandboxLauncher {
             .map(PodNetwork::join)
             .transpose()
             .map_err(|e| format!("pod network: {e}"))
-            .and_then(|net| {
+            .and_then(|network| {
+                let cgroup = match spec.host_cgroup {
+                    HostCgroupPlan::At(path) => Some(path.clone()),
+                    HostCgroupPlan::None => None,
+                    HostCgroupPlan::Unsupported(why) => {
+                        log::warn!(
+                            "sandbox {}: moat-vmm stays in the shim's cgroup: {why} is not supported",
+                            spec.grouping
+                        );
+                        None
+                    }
+                };
+                let host = HostPlacement { network, cgroup };
                 Sandbox::boot(
                     spec.cfg,
                     spec.grouping,
@@ -105,7 +120,7 @@ impl VmLauncher for SandboxLauncher {
                     spec.size,
                     spec.disks,
                     spec.spare_slots,
-                    net,
+                    host,
                 )
                 .map_err(|e| e.to_string())
             });

@@ -1,6 +1,7 @@
 //! A sandbox is one microVM (one pod): its state directory, the moat-vmm
 //! process, the agent connection and the VM's block slots.
 
+pub mod cgroup;
 pub mod jail;
 pub mod vmm;
 
@@ -20,6 +21,7 @@ use crate::config::Config;
 use crate::network::{NetworkError, PodNetwork};
 use crate::rootfs::cache::fnv1a;
 use crate::rootfs::Disk;
+use cgroup::HostCgroup;
 use moat_vmm_api::limits::{MAX_SOCKET_PATH, MAX_VIRTIO_DEVICES};
 use moat_vmm_api::{
     BlockConfig, ClientError as VmmClientError, ConfigError, JailConfig, NetConfig, SerialOutput,
@@ -185,18 +187,29 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SandboxEr
     move |source| SandboxError::Io { what, source }
 }
 
-/// What a boot that fails half-way must undo: the VM it started and the
-/// pod network it joined.
+/// Where a pod's VM is placed on the host: the pod network it joins (its
+/// taps and addresses) and the cgroup its VMM runs in.
+#[derive(Default)]
+pub struct HostPlacement {
+    /// The pod's network, joined.
+    pub network: Option<PodNetwork>,
+    /// The pod's host cgroup ([`cgroup`]).
+    pub cgroup: Option<PathBuf>,
+}
+
+/// What a boot that fails half-way must undo: the VM it started, the
+/// cgroup it made and the pod network it joined.
 struct UndoBoot {
     vmm: Option<Vmm>,
+    cgroup: Option<HostCgroup>,
     network: Option<PodNetwork>,
 }
 
 impl UndoBoot {
     /// The boot worked: hands over what it built, undoing nothing.
-    fn disarm(mut self) -> (Vmm, Option<PodNetwork>) {
+    fn disarm(mut self) -> (Vmm, Option<HostCgroup>, Option<PodNetwork>) {
         let vmm = self.vmm.take().expect("a booted sandbox has a VMM");
-        (vmm, self.network.take())
+        (vmm, self.cgroup.take(), self.network.take())
     }
 }
 
@@ -204,6 +217,9 @@ impl Drop for UndoBoot {
     fn drop(&mut self) {
         if let Some(vmm) = &self.vmm {
             vmm.kill();
+        }
+        if let Some(cg) = &self.cgroup {
+            cg.remove();
         }
         if let Some(n) = &self.network {
             n.teardown();
@@ -220,14 +236,15 @@ pub struct Sandbox {
     vmm: Vmm,
     agent: AgentClient,
     slots: Mutex<Vec<Slot>>,
+    cgroup: Option<HostCgroup>,
     network: Option<PodNetwork>,
 }
 
 impl Sandbox {
-    /// Boots a VM sized `size` whose first disks are `disks`, with the pod's
-    /// `network` (its taps and addresses), and waits for its agent.
-    /// On error nothing is left running, the network is torn down, and the
-    /// caller removes `dir`.
+    /// Boots a VM sized `size` whose first disks are `disks`, placed on
+    /// the host as `host` says, and waits for its agent. On error nothing
+    /// is left running, the network is torn down, the cgroup removed, and
+    /// the caller removes `dir`.
     pub fn boot(
         cfg: &Config,
         id: &str,
@@ -235,9 +252,13 @@ impl Sandbox {
         size: VmSize,
         disks: &[Disk],
         spare_slots: usize,
-        network: Option<PodNetwork>,
+        host: HostPlacement,
     ) -> Result<Sandbox, SandboxError> {
-        let mut undo = UndoBoot { vmm: None, network };
+        let mut undo = UndoBoot {
+            vmm: None,
+            cgroup: None,
+            network: host.network,
+        };
         let network = undo.network.as_ref();
         let vmm_bin = check_files(cfg)?;
         let taps = network.map(PodNetwork::taps).unwrap_or_default();
@@ -271,12 +292,18 @@ impl Sandbox {
         let (block, slots) = block_slots(disks, spares);
         let config = vm_config(cfg, dir, size, block, &taps, jail)?;
         let vsock = dir.join(VSOCK_SOCKET);
+        if let Some(path) = &host.cgroup {
+            let cg = HostCgroup::create(path, dir)
+                .map_err(io_error(format!("create cgroup {}", path.display())))?;
+            undo.cgroup = Some(cg);
+        }
         let vmm = undo.vmm.insert(Vmm::spawn(
             &vmm_bin,
             &config,
             &dir.join("vm.json"),
             &dir.join("vmm.log"),
             taps.iter().map(|(fd, _)| *fd).collect(),
+            undo.cgroup.as_ref().map(HostCgroup::procs_fd),
         )?);
         log::info!("sandbox {id}: moat-vmm pid {} booting", vmm.pid());
         // For `shim delete` after this shim died: it finds the VM by this file.
@@ -290,7 +317,7 @@ impl Sandbox {
                 .map_err(|e| SandboxError::Api(format!("SetNetwork: {e}")))?;
         }
         log_boot(id, vmm, &agent);
-        let (vmm, mut network) = undo.disarm();
+        let (vmm, cgroup, mut network) = undo.disarm();
         if let Some(n) = &mut network {
             n.release_taps();
         }
@@ -301,6 +328,7 @@ impl Sandbox {
             vmm,
             agent,
             slots: Mutex::new(slots),
+            cgroup,
             network,
         })
     }
@@ -391,6 +419,9 @@ impl Sandbox {
             }
         }
         self.vmm.stop(Duration::from_secs(5));
+        if let Some(cg) = &self.cgroup {
+            cg.remove();
+        }
         if let Some(n) = &self.network {
             n.teardown();
         }
@@ -555,6 +586,7 @@ pub fn cleanup_dead(cfg: &Config, grouping: &str, container_id: &str) {
             }
         }
     }
+    cgroup::remove_recorded(&dir);
     crate::network::teardown_recorded(&dir);
     let _ = fs::remove_dir_all(&dir);
     let _ = fs::remove_dir_all(upper_dir(cfg, grouping));
@@ -671,7 +703,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 128,
         };
-        match Sandbox::boot(c, id, dir, size, &[], 8, None) {
+        match Sandbox::boot(c, id, dir, size, &[], 8, HostPlacement::default()) {
             Ok(_) => panic!("{id} booted"),
             Err(e) => e,
         }
@@ -740,7 +772,7 @@ mod tests {
             vcpus: u32::from(moat_vmm_api::limits::MAX_VCPUS) + 1,
             memory_mib: 128,
         };
-        let e = Sandbox::boot(&c, "sb4", &dir, size, &[], 8, None)
+        let e = Sandbox::boot(&c, "sb4", &dir, size, &[], 8, HostPlacement::default())
             .err()
             .unwrap();
         assert!(matches!(e, SandboxError::VmConfig(_)), "{e}");
@@ -832,7 +864,7 @@ mod tests {
             },
             &[],
             8,
-            None,
+            HostPlacement::default(),
         )
         .err()
         .unwrap();

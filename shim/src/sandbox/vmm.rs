@@ -2,7 +2,7 @@
 //! [`VmConfig`]), its control API, and an orderly stop that always reaps it.
 
 use std::fs::{self, File};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -23,12 +23,15 @@ pub struct Vmm {
 impl Vmm {
     /// Writes the config to `config_path` and starts moat-vmm with it;
     /// its own log goes to `log_path`. `keep_fds` are passed on (tap fds).
+    /// With `cgroup_procs` (an open `cgroup.procs`), the VMM joins that
+    /// cgroup before it execs.
     pub fn spawn(
         binary: &Path,
         config: &VmConfig,
         config_path: &Path,
         log_path: &Path,
         keep_fds: Vec<i32>,
+        cgroup_procs: Option<RawFd>,
     ) -> Result<Vmm, SandboxError> {
         if !binary.exists() {
             return Err(SandboxError::Missing {
@@ -59,10 +62,17 @@ impl Vmm {
             .stdout(log)
             .stderr(log2);
         let shim = std::process::id() as libc::pid_t;
-        // SAFETY: only async-signal-safe calls (fcntl, setsid, prctl,
-        // getppid) between fork and exec.
+        // SAFETY: only async-signal-safe calls (write, fcntl, setsid,
+        // prctl, getppid) between fork and exec; `cgroup_procs` is open
+        // until `spawn` returns (the caller holds it).
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(fd) = cgroup_procs {
+                    // "0": the writing process itself.
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 for fd in &keep_fds {
                     let flags = libc::fcntl(*fd, libc::F_GETFD);
                     if flags < 0 || libc::fcntl(*fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
@@ -305,6 +315,7 @@ mod tests {
                 &dir.join("vm.json"),
                 &dir.join("vmm.log"),
                 Vec::new(),
+                None,
             )
             .unwrap();
             fs::write(dir.join("pid"), vmm.pid().to_string()).unwrap();
@@ -355,6 +366,30 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(!alive(&pid), "the VMM outlived its shim");
+    }
+
+    /// The VMM writes "0" (itself) to the cgroup.procs it is given before
+    /// it execs; a plain file stands in for the cgroup's.
+    #[test]
+    fn the_vmm_joins_its_cgroup_before_exec() {
+        let t = TempDir::new("vmm-cgroup");
+        let vmm = t.path().join("moat-vmm");
+        fs::write(&vmm, "#!/bin/sh\nexit 0\n").unwrap();
+        fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let procs_path = t.path().join("cgroup.procs");
+        let procs = File::create(&procs_path).unwrap();
+        let config = VmConfig::new(t.path().join("vmlinux"));
+        let spawned = Vmm::spawn(
+            &vmm,
+            &config,
+            &t.path().join("vm.json"),
+            &t.path().join("vmm.log"),
+            Vec::new(),
+            Some(procs.as_raw_fd()),
+        )
+        .unwrap();
+        spawned.wait_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(fs::read_to_string(&procs_path).unwrap(), "0");
     }
 
     #[test]
