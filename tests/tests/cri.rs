@@ -10,7 +10,9 @@
 //! inside the pod); the container's CRI log file; StopContainer,
 //! RemoveContainer and the container re-created in the running pod (on
 //! moat without a new VM); ListContainers; StopPodSandbox and
-//! RemovePodSandbox; and after both pods nothing left anywhere.
+//! RemovePodSandbox; the pod's cgroup (under its cgroup_parent) holding
+//! what runs it on the host (moat-vmm on moat); a hostNetwork pod (which
+//! moat refuses, saying why); and after all pods nothing left anywhere.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -21,9 +23,19 @@ use moat_tests::*;
 
 const HANDLERS: &[&str] = &["runc", "moat"];
 
+/// The cgroup_parent of the test's pods, as kubelet's cgroupfs driver
+/// gives one per pod.
+fn cgroup_parent(pod_name: &str) -> String {
+    format!("/moat-cri-{}/{pod_name}", std::process::id())
+}
+
 fn pod_config(handler: &str, cri: &Cri) -> PodSandboxConfig {
     let name = format!("web-{handler}");
     PodSandboxConfig {
+        linux: Some(LinuxPodSandboxConfig {
+            cgroup_parent: cgroup_parent(&name),
+            ..Default::default()
+        }),
         metadata: Some(PodSandboxMetadata {
             name: name.clone(),
             uid: format!("uid-{name}-{}", std::process::id()),
@@ -120,6 +132,7 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
         cri.subnet
     );
     assert!(cri.list_pods().unwrap().iter().any(|p| p.id == pod));
+    check_pod_cgroup(cri, &pc, &pod);
 
     let app = create_and_start(cri, &pod, &pc, container_config("app", 0, APP));
     elapsed(t, &format!("{handler}: app running"));
@@ -192,7 +205,69 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     cri.remove_pod(&pod).unwrap();
     assert!(cri.list_pods().unwrap().iter().all(|p| p.id != pod));
     assert!(cri.list_containers(&pod).unwrap().is_empty());
+    // Kubelet removes the pod's parent cgroup; it must be empty by now.
+    let parent = sys_cgroup(&pc.linux.as_ref().unwrap().cgroup_parent);
+    std::fs::remove_dir(&parent)
+        .unwrap_or_else(|e| panic!("pod cgroup {} not empty: {e}", parent.display()));
     elapsed(t, &format!("{handler}: pod stopped and removed"));
+}
+
+fn sys_cgroup(path: &str) -> std::path::PathBuf {
+    std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'))
+}
+
+/// The pod's sandbox cgroup (cgroup_parent/<pod id>) holds what runs the
+/// pod on the host: the pause process on runc, moat-vmm on moat (so that
+/// kubelet's accounting and limits see the VM).
+fn check_pod_cgroup(cri: &Cri, pc: &PodSandboxConfig, pod: &str) {
+    let parent = &pc.linux.as_ref().unwrap().cgroup_parent;
+    let procs_path = sys_cgroup(parent).join(pod).join("cgroup.procs");
+    let procs = std::fs::read_to_string(&procs_path)
+        .unwrap_or_else(|e| panic!("{}: {e}", procs_path.display()));
+    let pids: Vec<&str> = procs.split_whitespace().collect();
+    assert!(!pids.is_empty(), "nothing runs in {}", procs_path.display());
+    let vmms = vmm_pids(&cri.containerd.dir.to_string_lossy());
+    for vmm in &vmms {
+        let pid = vmm.split(' ').next().unwrap_or_default();
+        assert!(
+            pids.contains(&pid),
+            "moat-vmm {vmm} is not in {}: {pids:?}",
+            procs_path.display()
+        );
+    }
+}
+
+/// A hostNetwork pod runs on runc; on moat, RunPodSandbox fails and says why.
+fn host_network_pod(cri: &Cri, handler: &str) {
+    let mut pc = pod_config(handler, cri);
+    let name = format!("hostnet-{handler}");
+    if let Some(m) = pc.metadata.as_mut() {
+        m.name = name.clone();
+        m.uid = format!("uid-{name}-{}", std::process::id());
+    }
+    pc.log_directory = cri.log_dir(&name).to_string_lossy().into_owned();
+    let linux = pc.linux.get_or_insert_with(Default::default);
+    linux.cgroup_parent = cgroup_parent(&name);
+    linux.security_context = Some(LinuxSandboxSecurityContext {
+        namespace_options: Some(NamespaceOption {
+            network: NamespaceMode::Node as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    match (handler, cri.run_pod(pc.clone(), handler)) {
+        ("moat", Err(e)) => {
+            let msg = e.message();
+            assert!(msg.contains("cannot share the host's namespaces"), "{msg}");
+        }
+        ("moat", Ok(id)) => panic!("a hostNetwork pod {id} started on moat"),
+        (_, Ok(id)) => {
+            cri.stop_pod(&id).unwrap();
+            cri.remove_pod(&id).unwrap();
+        }
+        (_, Err(e)) => panic!("hostNetwork pod on {handler}: {e}"),
+    }
+    let _ = std::fs::remove_dir(sys_cgroup(&cgroup_parent(&name)));
 }
 
 /// The container's CRI log file has `line` as a full stdout entry:
@@ -229,7 +304,10 @@ fn pods_through_cri_on_runc_and_moat() {
         return;
     };
     for handler in HANDLERS {
+        host_network_pod(&cri, handler);
         pod_lifecycle(&cri, handler);
     }
+    let top = sys_cgroup(&format!("/moat-cri-{}", std::process::id()));
+    std::fs::remove_dir(&top).unwrap_or_else(|e| panic!("{}: {e}", top.display()));
     cri.assert_no_leaks();
 }
