@@ -116,6 +116,31 @@ impl LayerCache {
     /// The image of `layer`, building it first unless it is cached.
     pub fn get_or_build(&self, layer: &Path) -> Result<PathBuf, RootfsError> {
         let key = layer_key(layer)?;
+        self.get_or_build_keyed(&key, |tmp| build_erofs(layer, tmp))
+    }
+
+    /// One image of all of `lowers` (top-most first; at least two), their
+    /// overlay merged ([`super::merge`]), building it unless it is cached.
+    pub fn get_or_build_merged(&self, lowers: &[PathBuf]) -> Result<PathBuf, RootfsError> {
+        let keys = lowers
+            .iter()
+            .map(|l| layer_key(l))
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = format!(
+            "merged{}-{:016x}",
+            lowers.len(),
+            fnv1a(keys.join("\0").as_bytes())
+        );
+        self.get_or_build_keyed(&key, |tmp| super::merge::build_merged_erofs(lowers, tmp))
+    }
+
+    /// The image of `key`; `build` makes it (at the temporary path it is
+    /// given) unless it is cached. One builder per key at a time.
+    fn get_or_build_keyed(
+        &self,
+        key: &str,
+        build: impl FnOnce(&Path) -> Result<(), RootfsError>,
+    ) -> Result<PathBuf, RootfsError> {
         fs::create_dir_all(&self.dir).map_err(|source| RootfsError::Io {
             what: format!("create layer cache {}", self.dir.display()),
             source,
@@ -130,11 +155,11 @@ impl LayerCache {
             return Ok(image);
         }
         // Leftovers of a build that crashed while holding this lock.
-        self.remove_temporaries(&key);
+        self.remove_temporaries(key);
         let tmp = self
             .dir
             .join(format!("{key}.{IMAGE_EXT}{TMP_MARK}{}", std::process::id()));
-        let result = build_erofs(layer, &tmp).and_then(|()| {
+        let result = build(&tmp).and_then(|()| {
             fs::rename(&tmp, &image).map_err(|source| RootfsError::Io {
                 what: format!("rename {} into place", tmp.display()),
                 source,
@@ -192,18 +217,21 @@ pub fn build_erofs(dir: &Path, out: &Path) -> Result<(), RootfsError> {
         Command::new("mkfs.erofs").arg("--quiet").arg(out).arg(dir),
         "mkfs.erofs",
     )
-    .and_then(|()| {
-        File::open(out)
-            .and_then(|f| f.sync_all())
-            .map_err(|source| RootfsError::Io {
-                what: format!("sync {}", out.display()),
-                source,
-            })
-    });
+    .and_then(|()| sync_file(out));
     if result.is_err() {
         let _ = fs::remove_file(out);
     }
     result
+}
+
+/// fsyncs the file at `path`.
+pub(crate) fn sync_file(path: &Path) -> Result<(), RootfsError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| RootfsError::Io {
+            what: format!("sync {}", path.display()),
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -293,6 +321,32 @@ mod tests {
         assert!(!partial.exists());
         assert_eq!(images(cache.dir()), vec![format!("{key}.erofs")]);
         assert_ne!(fs::read(&img).unwrap(), b"half an image");
+    }
+
+    /// A chain of layers is one cached image; another order is another.
+    #[test]
+    fn merged_chains_build_once() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED merged_chains_build_once: needs root (mount namespace)");
+            return;
+        }
+        let t = TempDir::new("merged");
+        let a = layer(t.path(), "4", &[("a", "1")]);
+        let b = layer(t.path(), "5", &[("b", "2")]);
+        let cache = LayerCache::new(t.path().join("cache"));
+        let ab = cache.get_or_build_merged(&[a.clone(), b.clone()]).unwrap();
+        assert!(ab
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("merged2-"));
+        assert_eq!(
+            cache.get_or_build_merged(&[a.clone(), b.clone()]).unwrap(),
+            ab
+        );
+        assert_ne!(cache.get_or_build_merged(&[b, a]).unwrap(), ab);
+        assert_eq!(images(cache.dir()).len(), 2, "{:?}", images(cache.dir()));
     }
 
     #[test]

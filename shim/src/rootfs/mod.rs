@@ -1,11 +1,14 @@
 //! Turns the rootfs mounts containerd hands the shim into block devices for
-//! the VM: cached erofs images for read-only layers, a per-container erofs
-//! image for content already in the writable layer, and a fresh writable
-//! upper (sparse ext4 image or guest tmpfs). Block-device mounts pass through.
+//! the VM: a cached erofs image of the read-only layers (one per layer for
+//! a single-layer image, one of their merged view for more: `merge`), a
+//! per-container erofs image for content already in the writable layer,
+//! and a fresh writable upper (sparse ext4 image or guest tmpfs).
+//! Block-device mounts pass through.
 //!
-//! Nothing is mounted on the host.
+//! Nothing is mounted in the host's mount namespace.
 
 pub mod cache;
+mod merge;
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -254,9 +257,15 @@ fn prepare_into(
                     read_only: true,
                 });
             }
-            for l in lowers {
+            // Many layers reach the guest as one disk (see `merge`).
+            let images = match lowers.as_slice() {
+                [] => Vec::new(),
+                [one] => vec![cache.get_or_build(one)?],
+                many => vec![cache.get_or_build_merged(many)?],
+            };
+            for path in images {
                 out.layers.push(Disk {
-                    path: cache.get_or_build(l)?,
+                    path,
                     fs_type: "erofs".into(),
                     read_only: true,
                 });
@@ -476,7 +485,7 @@ mod tests {
         ));
     }
 
-    fn extract(img: &Path, to: &Path) {
+    pub(super) fn extract(img: &Path, to: &Path) {
         let out = Command::new("fsck.erofs")
             .arg(format!("--extract={}", to.display()))
             .arg(img)
