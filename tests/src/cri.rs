@@ -19,6 +19,11 @@ use crate::{guest_assets, host_tools, skip, text, workspace, Containerd, MoatCon
 /// The pause image the private containerd is configured with (built
 /// from busybox: `sleep`, which pod stop kills with SIGKILL).
 pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.6";
+/// Busybox with [`LAYERED_EXTRA`] small layers on top (32 in all), for
+/// images whose layers would not fit a VM's block slots one by one.
+pub const LAYERED_IMAGE: &str = "docker.io/library/layered:32";
+/// The layers `scripts/busybox-image.sh` adds to [`LAYERED_IMAGE`].
+pub const LAYERED_EXTRA: usize = 31;
 /// The namespace of containerd's CRI plugin.
 pub const K8S_NAMESPACE: &str = "k8s.io";
 /// The CNI plugins the pod network needs (Debian's containernetworking-plugins).
@@ -126,18 +131,21 @@ impl Cri {
         self.rt.block_on(f).map(tonic::Response::into_inner)
     }
 
-    /// Builds busybox and the pause image and imports them for CRI.
+    /// Builds busybox, the pause image and the many-layer image and
+    /// imports them for CRI.
     fn import_images(&self) {
         let dir = &self.containerd.dir;
+        let extra = LAYERED_EXTRA.to_string();
         let images = [
-            (IMAGE, r#"["sh"]"#, "busybox.tar"),
-            (PAUSE_IMAGE, r#"["sleep","2147483647"]"#, "pause.tar"),
+            (IMAGE, r#"["sh"]"#, "0", "busybox.tar"),
+            (PAUSE_IMAGE, r#"["sleep","2147483647"]"#, "0", "pause.tar"),
+            (LAYERED_IMAGE, r#"["sh"]"#, extra.as_str(), "layered.tar"),
         ];
-        for (name, cmd, file) in images {
+        for (name, cmd, layers, file) in images {
             let tar = dir.join(file);
             let out = Command::new(workspace().join("scripts/busybox-image.sh"))
                 .arg(&tar)
-                .args([name, cmd])
+                .args([name, cmd, layers])
                 .output()
                 .expect("run scripts/busybox-image.sh");
             assert!(out.status.success(), "{}", text(&out));
@@ -149,7 +157,10 @@ impl Cri {
         }
         // CRI sees an image once its event reached the plugin.
         for _ in 0..100 {
-            if self.image_present(PAUSE_IMAGE) && self.image_present(IMAGE) {
+            if [PAUSE_IMAGE, IMAGE, LAYERED_IMAGE]
+                .iter()
+                .all(|i| self.image_present(i))
+            {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(100));

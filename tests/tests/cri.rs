@@ -7,7 +7,8 @@
 //! RunPodSandbox, PodSandboxStatus (READY, the pod IP from CNI),
 //! ListPodSandbox; two containers created and started in the pod;
 //! ExecSync (exit codes, the CRI hostname and DNS config, the CNI address
-//! inside the pod); the container's CRI log file; StopContainer,
+//! inside the pod); an image of 32 layers, whiteouts and an opaque
+//! directory among them, in the same pod (on moat one disk); the container's CRI log file; StopContainer,
 //! RemoveContainer and the container re-created in the running pod (on
 //! moat without a new VM); ListContainers; StopPodSandbox and
 //! RemovePodSandbox; the pod's cgroup (under its cgroup_parent) holding
@@ -18,7 +19,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::*;
-use moat_tests::cri::{setup_cri, Cri};
+use moat_tests::cri::{setup_cri, Cri, LAYERED_EXTRA, LAYERED_IMAGE};
 use moat_tests::*;
 
 const HANDLERS: &[&str] = &["runc", "moat"];
@@ -55,13 +56,17 @@ fn pod_config(handler: &str, cri: &Cri) -> PodSandboxConfig {
 }
 
 fn container_config(name: &str, attempt: u32, cmd: &[&str]) -> ContainerConfig {
+    image_container_config(IMAGE, name, attempt, cmd)
+}
+
+fn image_container_config(image: &str, name: &str, attempt: u32, cmd: &[&str]) -> ContainerConfig {
     ContainerConfig {
         metadata: Some(ContainerMetadata {
             name: name.into(),
             attempt,
         }),
         image: Some(ImageSpec {
-            image: IMAGE.into(),
+            image: image.into(),
             ..Default::default()
         }),
         command: cmd.iter().map(|s| s.to_string()).collect(),
@@ -159,8 +164,11 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     );
     elapsed(t, &format!("{handler}: execs checked"));
 
-    // A second container shares the pod's network and hostname.
-    let side = create_and_start(cri, &pod, &pc, container_config("side", 0, APP));
+    // A second container, of an image of 32 layers (more than a VM has
+    // block slots), shares the pod's network and hostname.
+    let layered = image_container_config(LAYERED_IMAGE, "side", 0, APP);
+    let side = create_and_start(cri, &pod, &pc, layered);
+    check_layers(cri, &side);
     let side_addrs = exec_ok(cri, &side, &["ip", "-4", "addr"]);
     assert!(side_addrs.contains(&format!("inet {ip}/")), "{side_addrs}");
     assert_eq!(
@@ -268,6 +276,32 @@ fn host_network_pod(cri: &Cri, handler: &str) {
         (_, Err(e)) => panic!("hostNetwork pod on {handler}: {e}"),
     }
     let _ = std::fs::remove_dir(sys_cgroup(&cgroup_parent(&name)));
+}
+
+/// The many-layer image's view: every layer's file but the one a later
+/// layer whited out, and only the new file of the directory a later layer
+/// made opaque (see scripts/busybox-image.sh).
+fn check_layers(cri: &Cri, id: &str) {
+    let out = exec_ok(cri, id, &["ls", "/layers", "/opaque"]);
+    let mut want: Vec<String> = (1..=LAYERED_EXTRA)
+        .filter(|i| *i != 2)
+        .map(|i| i.to_string())
+        .collect();
+    want.sort();
+    let listed = |dir: &str| -> Vec<String> {
+        let section = out.split(&format!("{dir}:\n")).nth(1).unwrap_or_default();
+        let mut names: Vec<String> = section
+            .split("\n\n")
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(listed("/layers"), want, "{out}");
+    assert_eq!(listed("/opaque"), vec!["new".to_string()], "{out}");
 }
 
 /// The container's CRI log file has `line` as a full stdout entry:
