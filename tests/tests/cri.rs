@@ -4,16 +4,25 @@
 //!
 //! One pod per handler serves every check (a moat pod boots a guest
 //! kernel, about a minute on this project's emulating CI hosts):
-//! RunPodSandbox, PodSandboxStatus (READY, the pod IP from CNI),
-//! ListPodSandbox; two containers created and started in the pod;
-//! ExecSync (exit codes, the CRI hostname and DNS config, the CNI address
-//! inside the pod); an image of 32 layers, whiteouts and an opaque
-//! directory among them, in the same pod (on moat one disk); the container's CRI log file; StopContainer,
-//! RemoveContainer and the container re-created in the running pod (on
-//! moat without a new VM); ListContainers; StopPodSandbox and
-//! RemovePodSandbox; the pod's cgroup (under its cgroup_parent) holding
-//! what runs it on the host (moat-vmm on moat); a hostNetwork pod (which
-//! moat refuses, saying why); and after all pods nothing left anywhere.
+//! - RunPodSandbox, PodSandboxStatus (READY, the pod IP from CNI),
+//!   ListPodSandbox; the pod's cgroup (under its cgroup_parent) holding
+//!   what runs it on the host (moat-vmm on moat);
+//! - containers created and started in the pod; ExecSync (exit codes,
+//!   the CRI hostname and DNS config, the CNI address inside the pod);
+//!   streaming Exec with and without a terminal and with stdin, over the
+//!   stream server's WebSocket; Attach to a container's shell;
+//! - an image of 32 layers, whiteouts and an opaque directory among them,
+//!   in the same pod (on moat one disk);
+//! - security contexts: runAsUser, runAsGroup, supplemental groups,
+//!   capabilities, readOnlyRootFilesystem, no_new_privs;
+//! - CRI log files, 20000 lines of a chatty container without a loss,
+//!   ReopenContainerLog after a rotation;
+//! - StopContainer, RemoveContainer and the container re-created in the
+//!   running pod (on moat without a new VM); ContainerStats and
+//!   UpdateContainerResources; ListContainers;
+//! - StopPodSandbox and RemovePodSandbox;
+//! - a hostNetwork pod, which moat refuses, saying why;
+//! - after all pods, nothing left anywhere.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -23,6 +32,26 @@ use moat_tests::cri::{setup_cri, Cri, LAYERED_EXTRA, LAYERED_IMAGE};
 use moat_tests::*;
 
 const HANDLERS: &[&str] = &["runc", "moat"];
+
+/// [`HANDLERS`], or those `MOAT_CRI_HANDLERS` names (comma-separated;
+/// for work on one handler), the others skipped loudly.
+fn handlers() -> Vec<&'static str> {
+    let Ok(only) = std::env::var("MOAT_CRI_HANDLERS") else {
+        return HANDLERS.to_vec();
+    };
+    let wanted: Vec<&str> = only.split(',').map(str::trim).collect();
+    for h in HANDLERS.iter().filter(|h| !wanted.contains(h)) {
+        skip(
+            &format!("pods_through_cri_on_runc_and_moat on {h}"),
+            &format!("MOAT_CRI_HANDLERS={only}"),
+        );
+    }
+    HANDLERS
+        .iter()
+        .copied()
+        .filter(|h| wanted.contains(h))
+        .collect()
+}
 
 /// The cgroup_parent of the test's pods, as kubelet's cgroupfs driver
 /// gives one per pod.
@@ -166,9 +195,13 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
 
     // A second container, of an image of 32 layers (more than a VM has
     // block slots), shares the pod's network and hostname.
-    let layered = image_container_config(LAYERED_IMAGE, "side", 0, APP);
+    let mut layered = image_container_config(LAYERED_IMAGE, "side", 0, APP);
+    layered.linux = Some(root_with_one_capability());
     let side = create_and_start(cri, &pod, &pc, layered);
     check_layers(cri, &side);
+    check_root_with_one_capability(cri, &side);
+    check_streaming(cri, &pod, &pc, &side);
+    elapsed(t, &format!("{handler}: second container, streams checked"));
     let side_addrs = exec_ok(cri, &side, &["ip", "-4", "addr"]);
     assert!(side_addrs.contains(&format!("inet {ip}/")), "{side_addrs}");
     assert_eq!(
@@ -186,13 +219,17 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     assert_eq!(s.exit_code, 7, "the app's SIGTERM trap ends it");
     check_log(cri, &pc, "app/0.log", "got TERM");
     cri.remove_container(&app).unwrap();
-    let app1 = create_and_start(cri, &pod, &pc, container_config("app", 1, APP));
+    let mut unprivileged = container_config("app", 1, APP);
+    unprivileged.linux = Some(unprivileged_user());
+    let app1 = create_and_start(cri, &pod, &pc, unprivileged);
     assert_eq!(
         vmm_pids(&cri.containerd.dir.to_string_lossy()),
         vmms,
         "a container re-created in a running pod needs no new VM"
     );
     check_log(cri, &pc, "app/1.log", "app started");
+    check_unprivileged_user(cri, &app1);
+    check_stats_and_update(cri, &app1);
     let ids: Vec<String> = cri
         .list_containers(&pod)
         .unwrap()
@@ -203,7 +240,15 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     assert!(ids.contains(&app1) && ids.contains(&side), "{ids:?}");
     elapsed(t, &format!("{handler}: container re-created"));
 
+    // Log rotation as kubelet does it: rename, then ReopenContainerLog;
+    // what the app writes at its SIGTERM lands in the new file.
+    let app1_log = std::path::Path::new(&pc.log_directory).join("app/1.log");
+    std::fs::rename(&app1_log, app1_log.with_extension("log.1")).unwrap();
+    cri.reopen_log(&app1).unwrap();
+    check_chatty_log(cri, &pod, &pc);
+
     cri.stop_pod(&pod).unwrap();
+    check_log(cri, &pc, "app/1.log", "got TERM");
     let status = cri.pod_status(&pod).unwrap();
     assert_eq!(status.state, PodSandboxState::SandboxNotready as i32);
     for id in [&app1, &side] {
@@ -304,6 +349,162 @@ fn check_layers(cri: &Cri, id: &str) {
     assert_eq!(listed("/opaque"), vec!["new".to_string()], "{out}");
 }
 
+/// Root with every capability dropped but NET_BIND_SERVICE, a read-only
+/// root filesystem and no_new_privs.
+fn root_with_one_capability() -> LinuxContainerConfig {
+    LinuxContainerConfig {
+        security_context: Some(LinuxContainerSecurityContext {
+            capabilities: Some(Capability {
+                add_capabilities: vec!["NET_BIND_SERVICE".into()],
+                drop_capabilities: vec!["ALL".into()],
+                ..Default::default()
+            }),
+            readonly_rootfs: true,
+            no_new_privs: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn check_root_with_one_capability(cri: &Cri, id: &str) {
+    let script = "id -u; grep -E '^(CapEff|NoNewPrivs)' /proc/self/status; \
+                  touch /x 2>/dev/null && echo rootfs rw || echo rootfs ro";
+    let out = exec_ok(cri, id, &["sh", "-c", script]);
+    // NET_BIND_SERVICE is capability 10.
+    let want = "0\nCapEff:\t0000000000000400\nNoNewPrivs:\t1\nrootfs ro\n";
+    assert_eq!(out, want);
+}
+
+/// A user, group and supplementary group of their own (the image's
+/// /etc/passwd knows none of them).
+fn unprivileged_user() -> LinuxContainerConfig {
+    LinuxContainerConfig {
+        security_context: Some(LinuxContainerSecurityContext {
+            run_as_user: Some(Int64Value { value: 1000 }),
+            run_as_group: Some(Int64Value { value: 3000 }),
+            supplemental_groups: vec![4000],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn check_unprivileged_user(cri: &Cri, id: &str) {
+    let script = "id -u; id -g; id -G; grep CapEff /proc/self/status";
+    let out = exec_ok(cri, id, &["sh", "-c", script]);
+    assert_eq!(out, "1000\n3000\n3000 4000\nCapEff:\t0000000000000000\n");
+}
+
+/// ContainerStats reports the container's use; UpdateContainerResources
+/// reaches its cgroup (in the guest, on moat).
+fn check_stats_and_update(cri: &Cri, id: &str) {
+    let stats = cri.container_stats(id).unwrap();
+    let memory = stats
+        .memory
+        .and_then(|m| m.working_set_bytes)
+        .map(|v| v.value);
+    assert!(memory.is_some_and(|b| b > 0), "working set {memory:?}");
+    let cpu = stats
+        .cpu
+        .and_then(|c| c.usage_core_nano_seconds)
+        .map(|v| v.value);
+    assert!(cpu.is_some_and(|n| n > 0), "cpu usage {cpu:?}");
+    let limit: i64 = 100 << 20;
+    let resources = LinuxContainerResources {
+        memory_limit_in_bytes: limit,
+        cpu_period: 100_000,
+        cpu_quota: 50_000,
+        ..Default::default()
+    };
+    cri.update_resources(id, resources).unwrap();
+    let out = exec_ok(
+        cri,
+        id,
+        &["cat", "/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/cpu.max"],
+    );
+    assert_eq!(out, format!("{limit}\n50000 100000\n"));
+}
+
+/// A container that writes 20000 lines at once and exits: every line
+/// reaches its CRI log, in order.
+fn check_chatty_log(cri: &Cri, pod: &str, pc: &PodSandboxConfig) {
+    const LINES: usize = 20_000;
+    let n = LINES.to_string();
+    let chatty = create_and_start(
+        cri,
+        pod,
+        pc,
+        container_config("chatty", 0, &["seq", "1", &n]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while cri.container_status(&chatty).unwrap().state != ContainerState::ContainerExited as i32 {
+        assert!(Instant::now() < deadline, "chatty never exited");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let path = std::path::Path::new(&pc.log_directory).join("chatty/0.log");
+    let log = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.splitn(4, ' ').nth(3))
+        .collect();
+    let want: Vec<String> = (1..=LINES).map(|i| i.to_string()).collect();
+    assert!(
+        lines.iter().copied().eq(want.iter().map(String::as_str)),
+        "{} lines logged, the first wrong one: {:?}",
+        lines.len(),
+        lines.iter().zip(&want).find(|(a, b)| *a != b)
+    );
+    cri.remove_container(&chatty).unwrap();
+}
+
+/// Streaming Exec without a terminal (stdout, stderr, the exit code),
+/// with one, and with stdin; Attach to a container's shell.
+fn check_streaming(cri: &Cri, pod: &str, pc: &PodSandboxConfig, id: &str) {
+    let script = "echo out; echo err >&2; exit 5";
+    let r = cri
+        .exec_stream(id, &["sh", "-c", script], false, b"")
+        .unwrap();
+    assert_eq!(
+        (r.stdout_text().as_str(), r.stderr.as_slice()),
+        ("out\n", b"err\n".as_slice())
+    );
+    assert_eq!(r.exit_code(), Some(5), "{:?}", r.status);
+
+    let r = cri
+        .exec_stream(id, &["sh", "-c", "tty; echo out"], true, b"")
+        .unwrap();
+    let out = r.stdout_text();
+    assert!(
+        out.contains("/dev/pts/") && out.contains("out\r\n"),
+        "{out:?}"
+    );
+    assert_eq!(r.exit_code(), Some(0), "{:?}", r.status);
+
+    let r = cri
+        .exec_stream(id, &["head", "-n", "1"], false, b"to stdin\n")
+        .unwrap();
+    assert_eq!(r.stdout_text(), "to stdin\n");
+    assert_eq!(r.exit_code(), Some(0), "{:?}", r.status);
+
+    let mut shell = container_config("shell", 0, &["sh"]);
+    shell.stdin = true;
+    let shell = create_and_start(cri, pod, pc, shell);
+    let r = cri.attach(&shell, b"echo attached; exit 3\n").unwrap();
+    assert_eq!(r.stdout_text(), "attached\n");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = cri.container_status(&shell).unwrap();
+        if s.state == ContainerState::ContainerExited as i32 {
+            assert_eq!(s.exit_code, 3);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the attached shell never exited");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    cri.remove_container(&shell).unwrap();
+}
+
 /// The container's CRI log file has `line` as a full stdout entry:
 /// `<RFC 3339 time> stdout F <line>`.
 fn check_log(cri: &Cri, pc: &PodSandboxConfig, file: &str, line: &str) {
@@ -337,7 +538,7 @@ fn pods_through_cri_on_runc_and_moat() {
     let Some(cri) = setup_cri("cri", "boot_timeout_secs = 600\nagent_timeout_secs = 600\n") else {
         return;
     };
-    for handler in HANDLERS {
+    for handler in handlers() {
         host_network_pod(&cri, handler);
         pod_lifecycle(&cri, handler);
     }

@@ -336,14 +336,20 @@ mod tests {
         })
     }
 
+    /// A shell script standing in for moat-vmm, at `dir/moat-vmm`.
+    fn fake_vmm(dir: &Path, script: &str) -> PathBuf {
+        let vmm = dir.join("moat-vmm");
+        fs::write(&vmm, format!("#!/bin/sh\n{script}\n")).unwrap();
+        fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        vmm
+    }
+
     /// A VMM outlives the thread that started it, but not its shim, even
     /// one killed with SIGKILL.
     #[test]
     fn a_vmm_does_not_outlive_its_shim() {
         let t = TempDir::new("pdeath");
-        let vmm = t.path().join("moat-vmm");
-        fs::write(&vmm, "#!/bin/sh\nexec sleep 600\n").unwrap();
-        fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        fake_vmm(t.path(), "exec sleep 600");
         let mut shim = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", "sandbox::vmm::tests::shim_stand_in", "--ignored"])
             .env(STAND_IN_DIR, t.path())
@@ -373,9 +379,7 @@ mod tests {
     #[test]
     fn the_vmm_joins_its_cgroup_before_exec() {
         let t = TempDir::new("vmm-cgroup");
-        let vmm = t.path().join("moat-vmm");
-        fs::write(&vmm, "#!/bin/sh\nexit 0\n").unwrap();
-        fs::set_permissions(&vmm, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let vmm = fake_vmm(t.path(), "exit 0");
         let procs_path = t.path().join("cgroup.procs");
         let procs = File::create(&procs_path).unwrap();
         let config = VmConfig::new(t.path().join("vmlinux"));

@@ -16,6 +16,13 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::{guest_assets, host_tools, skip, text, workspace, Containerd, MoatConfig, IMAGE};
 
+pub mod stream;
+
+pub use stream::StreamOutput;
+
+/// How long a streaming Exec or Attach may take to end.
+const STREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// The pause image the private containerd is configured with (built
 /// from busybox: `sleep`, which pod stop kills with SIGKILL).
 pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.6";
@@ -311,6 +318,82 @@ impl Cri {
         Ok(self
             .block(async move { c.list_containers(req).await })?
             .containers)
+    }
+
+    /// UpdateContainerResources of container `id`.
+    pub fn update_resources(&self, id: &str, linux: LinuxContainerResources) -> CriResult<()> {
+        let mut c = self.runtime.clone();
+        let req = UpdateContainerResourcesRequest {
+            container_id: id.into(),
+            linux: Some(linux),
+            ..Default::default()
+        };
+        self.block(async move { c.update_container_resources(req).await })
+            .map(drop)
+    }
+
+    /// ContainerStats of container `id`.
+    pub fn container_stats(&self, id: &str) -> CriResult<ContainerStats> {
+        let mut c = self.runtime.clone();
+        let req = ContainerStatsRequest {
+            container_id: id.into(),
+        };
+        self.block(async move { c.container_stats(req).await })?
+            .stats
+            .ok_or_else(|| tonic::Status::internal("ContainerStats without stats"))
+    }
+
+    /// ReopenContainerLog of container `id`.
+    pub fn reopen_log(&self, id: &str) -> CriResult<()> {
+        let mut c = self.runtime.clone();
+        let req = ReopenContainerLogRequest {
+            container_id: id.into(),
+        };
+        self.block(async move { c.reopen_container_log(req).await })
+            .map(drop)
+    }
+
+    /// A streaming Exec of `cmd` in container `id` (with a terminal when
+    /// `tty`), fed `stdin`, read to its end.
+    pub fn exec_stream(
+        &self,
+        id: &str,
+        cmd: &[&str],
+        tty: bool,
+        stdin: &[u8],
+    ) -> Result<StreamOutput, String> {
+        let mut c = self.runtime.clone();
+        let req = ExecRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            tty,
+            stdin: !stdin.is_empty(),
+            stdout: true,
+            stderr: !tty,
+        };
+        let url = self
+            .block(async move { c.exec(req).await })
+            .map_err(|e| format!("Exec: {e}"))?
+            .url;
+        self.rt.block_on(stream::run(&url, stdin, STREAM_TIMEOUT))
+    }
+
+    /// Attach to container `id` (started with stdin open), feeding it
+    /// `stdin`, read to the stream's end.
+    pub fn attach(&self, id: &str, stdin: &[u8]) -> Result<StreamOutput, String> {
+        let mut c = self.runtime.clone();
+        let req = AttachRequest {
+            container_id: id.into(),
+            stdin: true,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        };
+        let url = self
+            .block(async move { c.attach(req).await })
+            .map_err(|e| format!("Attach: {e}"))?
+            .url;
+        self.rt.block_on(stream::run(&url, stdin, STREAM_TIMEOUT))
     }
 
     /// ExecSync of `cmd` in container `id`.
