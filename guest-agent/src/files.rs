@@ -110,6 +110,18 @@ pub fn copy_file(shared: &Path, req: &CopyFileRequest) -> Result<()> {
             Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
             Err(e) => return Err(e).ctx(|| format!("mkdir {:?}", req.path)),
         }
+        // The exact mode, past the umask (a pod's emptyDir is 0777), on
+        // the directory itself: never through a symlink put in its place.
+        let made = openat2(
+            dir.as_fd(),
+            name,
+            OpenHow::new()
+                .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+                .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS),
+        )
+        .ctx(|| format!("opening {:?}", req.path))?;
+        nix::sys::stat::fchmod(made.as_fd(), nix::sys::stat::Mode::from_bits_truncate(mode))
+            .ctx(|| format!("chmod {:?}", req.path))?;
     } else if !req.symlink_target.is_empty() {
         // The link is created, never followed; its target is the
         // consumer's business (k8s volumes use ..data links).
@@ -215,5 +227,43 @@ mod tests {
         let mut odd = req("c1/m0");
         (odd.remove, odd.directory) = (true, true);
         assert!(copy_file(&shared, &odd).is_err());
+    }
+
+    /// A directory gets its exact mode, past the umask, made or found; a
+    /// symlink in its place is refused, its target untouched.
+    #[test]
+    fn directories_get_their_mode_and_symlinks_are_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = TempDir::new("files-dir");
+        let shared = tmp.path().join("shared");
+        let uid = nix::unistd::getuid().as_raw();
+        let gid = nix::unistd::getgid().as_raw();
+        let mut dir = req("pod/shared");
+        (dir.uid, dir.gid, dir.mode, dir.directory) = (uid, gid, 0o777, true);
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+        copy_file(&shared, &dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&shared.join("pod/shared")), 0o777);
+        std::fs::set_permissions(
+            shared.join("pod/shared"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        copy_file(&shared, &dir).unwrap();
+        assert_eq!(
+            mode(&shared.join("pod/shared")),
+            0o777,
+            "an existing one too"
+        );
+
+        let target = tmp.path().join("target");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink(&target, shared.join("pod/link")).unwrap();
+        let mut link = req("pod/link");
+        (link.uid, link.gid, link.mode, link.directory) = (uid, gid, 0o777, true);
+        assert!(copy_file(&shared, &link).is_err());
+        nix::sys::stat::umask(old);
+        assert_eq!(mode(&target), 0o700);
     }
 }

@@ -163,6 +163,12 @@ pub fn plan(spec: &mut Value, container_id: &str) -> Result<(Volumes, Vec<Item>)
     let Some(mounts) = spec["mounts"].as_array_mut() else {
         return Ok((v, Vec::new()));
     };
+    let mut pod_dirs = vec![Item::Dir {
+        rel: POD_EMPTY_DIRS.into(),
+        mode: 0o755,
+        uid: 0,
+        gid: 0,
+    }];
     for (i, m) in mounts.iter_mut().enumerate() {
         if !is_bind(m) {
             continue;
@@ -177,6 +183,19 @@ pub fn plan(spec: &mut Value, container_id: &str) -> Result<(Volumes, Vec<Item>)
             continue;
         }
         let host = PathBuf::from(m["source"].as_str().unwrap_or_default());
+        if let Some(name) = kubelet_empty_dir(&host) {
+            // One guest directory for the whole pod, never copied: the
+            // pod's containers share it live, as on the host.
+            let rel = format!("{POD_EMPTY_DIRS}/{name}");
+            m["source"] = json!(format!("{}/{rel}", moat_protocol::GUEST_SHARED_DIR));
+            pod_dirs.push(Item::Dir {
+                rel,
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+            });
+            continue;
+        }
         // The one resolution of the path, following symlinks as a bind does.
         let root = nix::fcntl::open(&host, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
             .map_err(|e| VolumeError::Source {
@@ -193,8 +212,30 @@ pub fn plan(spec: &mut Value, container_id: &str) -> Result<(Volumes, Vec<Item>)
             dest,
         });
     }
-    let items = v.changes()?;
+    let mut items = v.changes()?;
+    if pod_dirs.len() > 1 {
+        items.splice(0..0, pod_dirs);
+    }
     Ok((v, items))
+}
+
+/// Below the guest's shared directory: the pod's emptyDir volumes.
+const POD_EMPTY_DIRS: &str = "pod-empty-dirs";
+
+/// The volume name of a kubelet emptyDir path
+/// (`<kubelet root>/pods/<pod uid>/volumes/kubernetes.io~empty-dir/<name>`).
+fn kubelet_empty_dir(path: &Path) -> Option<&str> {
+    let name = path.file_name()?.to_str()?;
+    let plugin = path.parent()?;
+    let volumes = plugin.parent()?;
+    let pods = volumes.parent()?.parent()?;
+    let named = |p: &Path, n: &str| p.file_name().is_some_and(|f| f == n);
+    let valid = !name.is_empty() && name != "." && name != "..";
+    (valid
+        && named(plugin, "kubernetes.io~empty-dir")
+        && named(volumes, "volumes")
+        && named(pods, "pods"))
+    .then_some(name)
 }
 
 impl Volumes {
@@ -535,6 +576,41 @@ pub fn copy(agent: &AgentClient, items: &[Item], timeout: Duration) -> Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kubelet emptyDir is one guest directory of the pod, made (0777)
+    /// and never copied; its host path need not even exist.
+    #[test]
+    fn empty_dirs_become_the_pods_guest_directories() {
+        let src = "/var/lib/kubelet/pods/u1/volumes/kubernetes.io~empty-dir/cache";
+        let mut spec = json!({"mounts": [
+            {"destination": "/cache", "type": "bind", "source": src, "options": ["rbind"]}
+        ]});
+        let (vols, items) = plan(&mut spec, "c1").unwrap();
+        assert!(vols.is_empty(), "nothing to sync");
+        assert_eq!(
+            spec["mounts"][0]["source"],
+            "/run/moat/shared/pod-empty-dirs/cache"
+        );
+        let dirs: Vec<(&str, u32)> = items
+            .iter()
+            .map(|i| match i {
+                Item::Dir { rel, mode, .. } => (rel.as_str(), *mode),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            dirs,
+            [("pod-empty-dirs", 0o755), ("pod-empty-dirs/cache", 0o777)]
+        );
+        let p = |s: &str| kubelet_empty_dir(Path::new(s)).map(str::to_owned);
+        assert_eq!(
+            p("/k/pods/u/volumes/kubernetes.io~empty-dir/x"),
+            Some("x".into())
+        );
+        assert_eq!(p("/k/pods/u/volumes/kubernetes.io~configmap/x"), None);
+        assert_eq!(p("/k/pods/u/volumes/kubernetes.io~empty-dir/.."), None);
+        assert_eq!(p("/k/other/u/volumes/kubernetes.io~empty-dir/x"), None);
+    }
 
     #[test]
     fn binds_are_rewritten_and_listed_and_shm_becomes_the_guests() {

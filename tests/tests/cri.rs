@@ -12,7 +12,8 @@
 //!   streaming Exec with and without a terminal and with stdin, over the
 //!   stream server's WebSocket; Attach to a container's shell;
 //! - an image of 32 layers, whiteouts and an opaque directory among them,
-//!   in the same pod (on moat one disk);
+//!   in the same pod (on moat one disk); an emptyDir shared live by two
+//!   containers;
 //! - security contexts: runAsUser, runAsGroup, supplemental groups,
 //!   capabilities, readOnlyRootFilesystem, no_new_privs;
 //! - CRI log files, 20000 lines of a chatty container without a loss,
@@ -168,7 +169,10 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     assert!(cri.list_pods().unwrap().iter().any(|p| p.id == pod));
     check_pod_cgroup(cri, &pc, &pod);
 
-    let app = create_and_start(cri, &pod, &pc, container_config("app", 0, APP));
+    let empty_dir = empty_dir(cri, &pc, "shared");
+    let mut app = container_config("app", 0, APP);
+    app.mounts.push(empty_dir.clone());
+    let app = create_and_start(cri, &pod, &pc, app);
     elapsed(t, &format!("{handler}: app running"));
     assert_eq!(
         exec_ok(cri, &app, &["hostname"]).trim(),
@@ -197,7 +201,11 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     // block slots), shares the pod's network and hostname.
     let mut layered = image_container_config(LAYERED_IMAGE, "side", 0, APP);
     layered.linux = Some(root_with_one_capability());
+    layered.mounts.push(empty_dir);
     let side = create_and_start(cri, &pod, &pc, layered);
+    // The emptyDir is shared live: app, created first, sees side's file.
+    exec_ok(cri, &side, &["sh", "-c", "echo from side > /shared/f"]);
+    assert_eq!(exec_ok(cri, &app, &["cat", "/shared/f"]), "from side\n");
     check_layers(cri, &side);
     check_root_with_one_capability(cri, &side);
     check_streaming(cri, &pod, &pc, &side);
@@ -347,6 +355,26 @@ fn check_layers(cri: &Cri, id: &str) {
     };
     assert_eq!(listed("/layers"), want, "{out}");
     assert_eq!(listed("/opaque"), vec!["new".to_string()], "{out}");
+}
+
+/// An emptyDir volume `name` of the pod, where kubelet keeps one (the
+/// directory made, as kubelet does, mode 0777).
+fn empty_dir(cri: &Cri, pc: &PodSandboxConfig, name: &str) -> Mount {
+    let uid = &pc.metadata.as_ref().unwrap().uid;
+    let host = cri
+        .containerd
+        .dir
+        .join("kubelet/pods")
+        .join(uid)
+        .join("volumes/kubernetes.io~empty-dir")
+        .join(name);
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::set_permissions(&host, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    Mount {
+        container_path: format!("/{name}"),
+        host_path: host.to_string_lossy().into_owned(),
+        ..Default::default()
+    }
 }
 
 /// Root with every capability dropped but NET_BIND_SERVICE, a read-only
