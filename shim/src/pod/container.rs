@@ -88,8 +88,8 @@ impl CreatePlan {
         refuse_host_namespaces(&value)?;
         let netns = network::netns_path(&value);
         let cgroups_path = value["linux"]["cgroupsPath"].as_str().unwrap_or_default();
-        let host_cgroup = cgroup::plan(Path::new(cgroup::CGROUP_ROOT), cgroups_path)
-            .map_err(|e| invalid(format!("linux.cgroupsPath: {e}")))?;
+        let host_cgroup =
+            cgroup::plan(cgroups_path).map_err(|e| invalid(format!("linux.cgroupsPath: {e}")))?;
         network::guest_spec(&mut value);
         let (volumes, copies) = volumes::plan(&mut value, &req.id).map_err(invalid)?;
         let spec_json = serde_json::to_vec(&value)

@@ -4,15 +4,15 @@
 //! RAM is the VMM's memory, its vCPUs are the VMM's threads. Kubelet
 //! accounts, limits and evicts pods by their cgroups, so the VMM joins the
 //! cgroup that the sandbox's spec names (`linux.cgroupsPath`, below the
-//! pod's `cgroup_parent`), as runc puts the pause process there. It joins
-//! between fork and exec, so that nothing it allocates is charged to the
-//! shim's cgroup first (cgroup v2 charges memory where it was first used).
+//! pod's `cgroup_parent`), as runc puts the pause process there: on a
+//! cgroup v2 host the one directory, on a v1 (or hybrid) host that path in
+//! every mounted hierarchy, as runc does. It joins between fork and exec,
+//! so that nothing it allocates is charged to the shim's cgroup first.
 //!
-//! Only the cgroupfs driver's form of the path ("/parent/.../name") on a
-//! cgroup v2 host is honoured. The systemd driver's "slice:prefix:name"
-//! names a unit that systemd makes over D-Bus, and a cgroup v1 host has a
-//! hierarchy per controller; in both cases the VMM stays in the shim's
-//! cgroup, and the shim logs it.
+//! Only the cgroupfs driver's form of the path ("/parent/.../name") is
+//! honoured. The systemd driver's "slice:prefix:name" names a unit that
+//! systemd makes over D-Bus; then the VMM stays in the shim's cgroup, and
+//! the shim logs it.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-/// Where the cgroup v2 hierarchy is mounted.
+/// Where the cgroup hierarchies are mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
-/// The file in a sandbox's state directory naming its host cgroup, for
-/// `shim delete` after the shim died.
+/// The file in a sandbox's state directory naming its host cgroups (one
+/// per line), for `shim delete` after the shim died.
 const RECORD_FILE: &str = "host-cgroup";
 
 /// A `linux.cgroupsPath` that moat refuses.
@@ -41,20 +41,20 @@ pub enum CgroupPathError {
 pub enum HostCgroupPlan {
     /// The spec names no cgroup.
     None,
-    /// This directory below `root`.
+    /// This path below each hierarchy's root.
     At(PathBuf),
     /// A form moat does not place the VMM by (see the module's docs).
     Unsupported(String),
 }
 
-/// Reads `cgroups_path` (`linux.cgroupsPath`) against the hierarchy at `root`.
-pub fn plan(root: &Path, cgroups_path: &str) -> Result<HostCgroupPlan, CgroupPathError> {
+/// Reads `cgroups_path` (`linux.cgroupsPath`).
+pub fn plan(cgroups_path: &str) -> Result<HostCgroupPlan, CgroupPathError> {
     if cgroups_path.contains(':') {
         return Ok(HostCgroupPlan::Unsupported(format!(
             "the systemd cgroup driver's {cgroups_path:?}"
         )));
     }
-    let mut path = root.to_owned();
+    let mut path = PathBuf::new();
     for part in cgroups_path
         .split('/')
         .filter(|p| !p.is_empty() && *p != ".")
@@ -64,78 +64,150 @@ pub fn plan(root: &Path, cgroups_path: &str) -> Result<HostCgroupPlan, CgroupPat
         }
         path.push(part);
     }
-    if path == root {
-        return Ok(HostCgroupPlan::None);
-    }
-    if !root.join("cgroup.controllers").exists() {
-        return Ok(HostCgroupPlan::Unsupported(format!(
-            "{cgroups_path:?} on a host without cgroup v2 at {}",
-            root.display()
-        )));
-    }
-    Ok(HostCgroupPlan::At(path))
+    Ok(if path.as_os_str().is_empty() {
+        HostCgroupPlan::None
+    } else {
+        HostCgroupPlan::At(path)
+    })
 }
 
-/// A cgroup made for a pod's VMM. The caller removes it after the VMM is
-/// reaped ([`HostCgroup::remove`]).
+/// One mounted cgroup hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hierarchy {
+    /// Its mount point.
+    pub mount: PathBuf,
+    /// Whether it has the v1 cpuset controller, whose new cgroups take no
+    /// process until their cpus and mems are set.
+    pub cpuset: bool,
+}
+
+/// The host's hierarchies: the unified one on a cgroup v2 host, else
+/// every cgroup (v1) and cgroup2 mount below [`CGROUP_ROOT`].
+pub fn hierarchies() -> Vec<Hierarchy> {
+    let root = Path::new(CGROUP_ROOT);
+    if root.join("cgroup.controllers").exists() {
+        return vec![Hierarchy {
+            mount: root.to_owned(),
+            cpuset: false,
+        }];
+    }
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    parse_mountinfo(&mountinfo, root)
+}
+
+fn parse_mountinfo(mountinfo: &str, root: &Path) -> Vec<Hierarchy> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mount = PathBuf::from(left.split(' ').nth(4)?);
+            let mut fields = right.split(' ');
+            let fstype = fields.next()?;
+            let options = fields.nth(1).unwrap_or_default();
+            let cpuset = options.split(',').any(|o| o == "cpuset");
+            ((fstype == "cgroup" || fstype == "cgroup2") && mount.starts_with(root))
+                .then_some(Hierarchy { mount, cpuset })
+        })
+        .collect()
+}
+
+/// The cgroup made for a pod's VMM, in each hierarchy. The caller removes
+/// it after the VMM is reaped ([`HostCgroup::remove`]).
 #[derive(Debug)]
 pub struct HostCgroup {
-    path: PathBuf,
-    procs: File,
+    dirs: Vec<PathBuf>,
+    procs: Vec<File>,
 }
 
 impl HostCgroup {
-    /// Makes the cgroup at `path` (with missing parents, as runc does),
-    /// records it in `sandbox_dir` and opens its `cgroup.procs`.
-    pub fn create(path: &Path, sandbox_dir: &Path) -> io::Result<HostCgroup> {
-        fs::create_dir_all(path)?;
-        let opened = fs::write(
-            sandbox_dir.join(RECORD_FILE),
-            path.as_os_str().as_encoded_bytes(),
-        )
-        .and_then(|()| {
-            OpenOptions::new()
-                .write(true)
-                .open(path.join("cgroup.procs"))
-        });
-        match opened {
-            Ok(procs) => Ok(HostCgroup {
-                path: path.to_owned(),
-                procs,
-            }),
-            Err(e) => {
-                let _ = fs::remove_dir(path);
-                Err(e)
-            }
+    /// Makes `path` in each of `hierarchies` (with missing parents, as
+    /// runc does), records the directories in `sandbox_dir` and opens
+    /// their `cgroup.procs`. On error, nothing made is left.
+    pub fn create(
+        hierarchies: &[Hierarchy],
+        path: &Path,
+        sandbox_dir: &Path,
+    ) -> io::Result<HostCgroup> {
+        let mut cg = HostCgroup {
+            dirs: Vec::new(),
+            procs: Vec::new(),
+        };
+        let made = cg.make_all(hierarchies, path, sandbox_dir);
+        if made.is_err() {
+            cg.remove();
         }
+        made.map(|()| cg)
     }
 
-    /// The cgroup's directory.
-    pub fn path(&self) -> &Path {
-        &self.path
+    fn make_all(
+        &mut self,
+        hierarchies: &[Hierarchy],
+        path: &Path,
+        sandbox_dir: &Path,
+    ) -> io::Result<()> {
+        for h in hierarchies {
+            let dir = h.mount.join(path);
+            fs::create_dir_all(&dir)?;
+            self.dirs.push(dir.clone());
+            if h.cpuset {
+                inherit_cpuset(&h.mount, path)?;
+            }
+            self.procs.push(
+                OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.procs"))?,
+            );
+        }
+        let record: Vec<String> = self
+            .dirs
+            .iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .collect();
+        fs::write(sandbox_dir.join(RECORD_FILE), record.join("\n"))
     }
 
-    /// `cgroup.procs`, for the VMM to write "0" to between fork and exec.
-    pub fn procs_fd(&self) -> RawFd {
-        self.procs.as_raw_fd()
+    /// Each hierarchy's `cgroup.procs`, for the VMM to write "0" to
+    /// between fork and exec.
+    pub fn procs_fds(&self) -> Vec<RawFd> {
+        self.procs.iter().map(AsRawFd::as_raw_fd).collect()
     }
 
     /// Removes the cgroup, waiting (bounded) for its last process to be gone.
     pub fn remove(&self) {
-        remove(&self.path);
+        for dir in &self.dirs {
+            remove(dir);
+        }
     }
 }
 
-/// Removes `path` once it holds no process (rmdir fails with EBUSY until
+/// Gives every cgroup of `path` below a v1 cpuset hierarchy's `mount`
+/// whose cpus or mems are unset its parent's (a new cpuset cgroup starts
+/// with none, and takes no process until both are set).
+fn inherit_cpuset(mount: &Path, path: &Path) -> io::Result<()> {
+    let mut dir = mount.to_owned();
+    for part in path.iter() {
+        let parent = dir.clone();
+        dir.push(part);
+        for file in ["cpuset.cpus", "cpuset.mems"] {
+            let own = fs::read_to_string(dir.join(file)).unwrap_or_default();
+            if own.trim().is_empty() {
+                fs::write(dir.join(file), fs::read_to_string(parent.join(file))?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes `dir` once it holds no process (rmdir fails with EBUSY until
 /// then); gives up after 5 s, logging it.
-fn remove(path: &Path) {
+fn remove(dir: &Path) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        match fs::remove_dir(path) {
+        match fs::remove_dir(dir) {
             Ok(()) => return,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return,
             Err(e) if Instant::now() >= deadline => {
-                log::warn!("cannot remove cgroup {}: {e}", path.display());
+                log::warn!("cannot remove cgroup {}: {e}", dir.display());
                 return;
             }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
@@ -143,16 +215,17 @@ fn remove(path: &Path) {
     }
 }
 
-/// Removes the host cgroup recorded in `sandbox_dir`, after a dead shim.
+/// Removes the host cgroups recorded in `sandbox_dir`, after a dead shim.
 pub fn remove_recorded(sandbox_dir: &Path) {
     let Ok(recorded) = fs::read_to_string(sandbox_dir.join(RECORD_FILE)) else {
         return;
     };
-    let path = PathBuf::from(recorded);
-    // Only ever a directory below the hierarchy (the file is ours, but a
-    // state directory is not worth trusting further than that).
-    if path.starts_with(CGROUP_ROOT) && !path.components().any(|c| c.as_os_str() == "..") {
-        remove(&path);
+    for dir in recorded.lines().map(PathBuf::from) {
+        // Only ever a directory below the hierarchies (the file is ours,
+        // but a state directory is not worth trusting further than that).
+        if dir.starts_with(CGROUP_ROOT) && !dir.components().any(|c| c.as_os_str() == "..") {
+            remove(&dir);
+        }
     }
 }
 
@@ -161,62 +234,107 @@ mod tests {
     use super::*;
     use moat_testutil::TempDir;
 
-    fn v2_root() -> TempDir {
-        let t = TempDir::new("cgroot");
-        fs::write(t.path().join("cgroup.controllers"), "cpu memory\n").unwrap();
-        t
-    }
-
     #[test]
-    fn cgroupfs_paths_land_below_the_root() {
-        let t = v2_root();
-        let root = t.path();
-        let at = |p: &str| plan(root, p).unwrap();
+    fn cgroupfs_paths_are_relative_and_checked() {
+        let at = |p: &str| plan(p).unwrap();
         assert_eq!(
             at("/kubepods/pod1/abc"),
-            HostCgroupPlan::At(root.join("kubepods/pod1/abc"))
+            HostCgroupPlan::At("kubepods/pod1/abc".into())
         );
-        assert_eq!(
-            at("default/abc"),
-            HostCgroupPlan::At(root.join("default/abc"))
-        );
-        assert_eq!(at("//a/./b/"), HostCgroupPlan::At(root.join("a/b")));
+        assert_eq!(at("default/abc"), HostCgroupPlan::At("default/abc".into()));
+        assert_eq!(at("//a/./b/"), HostCgroupPlan::At("a/b".into()));
         assert_eq!(at(""), HostCgroupPlan::None);
         assert_eq!(at("/"), HostCgroupPlan::None);
-    }
-
-    #[test]
-    fn escaping_and_unsupported_forms() {
-        let t = v2_root();
         assert_eq!(
-            plan(t.path(), "/a/../../etc"),
+            plan("/a/../../etc"),
             Err(CgroupPathError::Escapes("/a/../../etc".into()))
         );
-        let systemd = plan(t.path(), "kubepods-pod1.slice:cri-containerd:abc").unwrap();
+        let systemd = plan("kubepods-pod1.slice:cri-containerd:abc").unwrap();
         assert!(matches!(systemd, HostCgroupPlan::Unsupported(m) if m.contains("systemd")));
-        let v1 = TempDir::new("cgroot-v1");
-        let old = plan(v1.path(), "/a/b").unwrap();
-        assert!(matches!(old, HostCgroupPlan::Unsupported(m) if m.contains("cgroup v2")));
     }
 
     #[test]
-    fn create_records_and_remove_undoes() {
+    fn v1_and_hybrid_hierarchies_from_mountinfo() {
+        let mountinfo = "\
+30 25 0:26 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
+31 25 0:27 / /sys/fs/cgroup/cpuset rw,nosuid shared:11 - cgroup cgroup rw,cpuset
+32 25 0:28 / /sys/fs/cgroup/memory rw,nosuid shared:12 - cgroup cgroup rw,memory
+33 25 0:29 / /sys/fs/cgroup/systemd rw shared:13 - cgroup cgroup rw,xattr,name=systemd
+40 22 0:5 / /proc rw - proc proc rw
+41 22 0:30 / /elsewhere rw - cgroup cgroup rw,pids";
+        let h = parse_mountinfo(mountinfo, Path::new(CGROUP_ROOT));
+        let mounts: Vec<(&str, bool)> = h
+            .iter()
+            .map(|h| (h.mount.to_str().unwrap(), h.cpuset))
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("/sys/fs/cgroup/unified", false),
+                ("/sys/fs/cgroup/cpuset", true),
+                ("/sys/fs/cgroup/memory", false),
+                ("/sys/fs/cgroup/systemd", false),
+            ]
+        );
+    }
+
+    /// Plain directories stand in for the hierarchies: cgroup.procs and
+    /// the cpuset files are files.
+    #[test]
+    fn create_in_every_hierarchy_records_and_remove_undoes() {
         let t = TempDir::new("cg");
         let sandbox = t.path().join("sandbox");
         fs::create_dir(&sandbox).unwrap();
-        let path = t.path().join("parent/pod");
-        fs::create_dir_all(&path).unwrap();
-        // A plain directory stands in for the cgroup: cgroup.procs is a file.
-        fs::write(path.join("cgroup.procs"), "").unwrap();
-        let cg = HostCgroup::create(&path, &sandbox).unwrap();
-        assert_eq!(
-            fs::read_to_string(sandbox.join(RECORD_FILE)).unwrap(),
-            path.to_string_lossy()
-        );
-        assert!(cg.procs_fd() >= 0);
-        fs::remove_file(path.join("cgroup.procs")).unwrap();
+        let hier = |name: &str, cpuset| Hierarchy {
+            mount: t.path().join(name),
+            cpuset,
+        };
+        let hs = [hier("memory", false), hier("cpuset", true)];
+        fs::create_dir_all(t.path().join("cpuset/pod/vm")).unwrap();
+        fs::write(t.path().join("cpuset/cpuset.cpus"), "0-1\n").unwrap();
+        fs::write(t.path().join("cpuset/cpuset.mems"), "0\n").unwrap();
+        for h in &hs {
+            let leaf = h.mount.join("pod/vm");
+            fs::create_dir_all(&leaf).unwrap();
+            fs::write(leaf.join("cgroup.procs"), "").unwrap();
+        }
+        let cg = HostCgroup::create(&hs, Path::new("pod/vm"), &sandbox).unwrap();
+        assert_eq!(cg.procs_fds().len(), 2);
+        let cpus = fs::read_to_string(t.path().join("cpuset/pod/vm/cpuset.cpus")).unwrap();
+        assert_eq!(cpus, "0-1\n", "a new cpuset cgroup takes its parent's cpus");
+        let record = fs::read_to_string(sandbox.join(RECORD_FILE)).unwrap();
+        assert_eq!(record.lines().count(), 2);
+        for h in &hs {
+            let leaf = h.mount.join("pod/vm");
+            for f in ["cgroup.procs", "cpuset.cpus", "cpuset.mems"] {
+                let _ = fs::remove_file(leaf.join(f));
+            }
+        }
         cg.remove();
-        assert!(!path.exists() && t.path().join("parent").exists());
+        for h in &hs {
+            assert!(!h.mount.join("pod/vm").exists() && h.mount.join("pod").exists());
+        }
+    }
+
+    #[test]
+    fn a_failed_create_leaves_nothing() {
+        let t = TempDir::new("cg-fail");
+        let good = Hierarchy {
+            mount: t.path().join("memory"),
+            cpuset: false,
+        };
+        let bad = Hierarchy {
+            mount: t.path().join("no-procs"),
+            cpuset: false,
+        };
+        fs::create_dir_all(good.mount.join("p")).unwrap();
+        fs::write(good.mount.join("p/cgroup.procs"), "").unwrap();
+        fs::remove_file(good.mount.join("p/cgroup.procs")).unwrap();
+        // Neither has a cgroup.procs: the first open fails, and the
+        // directory made for it goes again.
+        let e = HostCgroup::create(&[bad.clone(), good], Path::new("p"), t.path()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(!bad.mount.join("p").exists());
     }
 
     #[test]

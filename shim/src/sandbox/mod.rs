@@ -293,7 +293,7 @@ impl Sandbox {
         let config = vm_config(cfg, dir, size, block, &taps, jail)?;
         let vsock = dir.join(VSOCK_SOCKET);
         if let Some(path) = &host.cgroup {
-            let cg = HostCgroup::create(path, dir)
+            let cg = HostCgroup::create(&cgroup::hierarchies(), path, dir)
                 .map_err(io_error(format!("create cgroup {}", path.display())))?;
             undo.cgroup = Some(cg);
         }
@@ -303,7 +303,10 @@ impl Sandbox {
             &dir.join("vm.json"),
             &dir.join("vmm.log"),
             taps.iter().map(|(fd, _)| *fd).collect(),
-            undo.cgroup.as_ref().map(HostCgroup::procs_fd),
+            undo.cgroup
+                .as_ref()
+                .map(HostCgroup::procs_fds)
+                .unwrap_or_default(),
         )?);
         log::info!("sandbox {id}: moat-vmm pid {} booting", vmm.pid());
         // For `shim delete` after this shim died: it finds the VM by this file.

@@ -23,15 +23,15 @@ pub struct Vmm {
 impl Vmm {
     /// Writes the config to `config_path` and starts moat-vmm with it;
     /// its own log goes to `log_path`. `keep_fds` are passed on (tap fds).
-    /// With `cgroup_procs` (an open `cgroup.procs`), the VMM joins that
-    /// cgroup before it execs.
+    /// The VMM joins the cgroups whose open `cgroup.procs` are
+    /// `cgroup_procs` before it execs.
     pub fn spawn(
         binary: &Path,
         config: &VmConfig,
         config_path: &Path,
         log_path: &Path,
         keep_fds: Vec<i32>,
-        cgroup_procs: Option<RawFd>,
+        cgroup_procs: Vec<RawFd>,
     ) -> Result<Vmm, SandboxError> {
         if !binary.exists() {
             return Err(SandboxError::Missing {
@@ -67,9 +67,9 @@ impl Vmm {
         // until `spawn` returns (the caller holds it).
         unsafe {
             cmd.pre_exec(move || {
-                if let Some(fd) = cgroup_procs {
+                for fd in &cgroup_procs {
                     // "0": the writing process itself.
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -315,7 +315,7 @@ mod tests {
                 &dir.join("vm.json"),
                 &dir.join("vmm.log"),
                 Vec::new(),
-                None,
+                Vec::new(),
             )
             .unwrap();
             fs::write(dir.join("pid"), vmm.pid().to_string()).unwrap();
@@ -389,7 +389,7 @@ mod tests {
             &t.path().join("vm.json"),
             &t.path().join("vmm.log"),
             Vec::new(),
-            Some(procs.as_raw_fd()),
+            vec![procs.as_raw_fd()],
         )
         .unwrap();
         spawned.wait_timeout(Duration::from_secs(10)).unwrap();

@@ -27,6 +27,8 @@ pub struct StreamOutput {
     pub stderr: Vec<u8>,
     /// Channel 3: how the process ended.
     pub status: Option<serde_json::Value>,
+    /// Every message received, for a failing test's report.
+    pub trace: Vec<String>,
 }
 
 impl StreamOutput {
@@ -81,6 +83,7 @@ async fn run_to_end(url: &str, stdin: &[u8]) -> Result<StreamOutput, String> {
     let mut out = StreamOutput::default();
     let mut status = Vec::new();
     while let Some(msg) = ws.next().await {
+        out.trace.push(format!("{msg:?}"));
         match msg {
             Ok(Message::Binary(frame)) => match frame.split_first() {
                 Some((&STDOUT, data)) => out.stdout.extend_from_slice(data),
