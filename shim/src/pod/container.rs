@@ -91,6 +91,7 @@ impl CreatePlan {
         let host_cgroup =
             cgroup::plan(cgroups_path).map_err(|e| invalid(format!("linux.cgroupsPath: {e}")))?;
         network::guest_spec(&mut value);
+        private_cgroup_namespace(&mut value);
         let (volumes, copies) = volumes::plan(&mut value, &req.id).map_err(invalid)?;
         let spec_json = serde_json::to_vec(&value)
             .map_err(|e| PodError::Internal(format!("encoding the guest spec: {e}")))?;
@@ -134,6 +135,18 @@ impl CreatePlan {
             netns,
             host_cgroup,
         })
+    }
+}
+
+/// The guest is cgroup v2 only; there, as containerd does on a v2 host, a
+/// container gets a cgroup namespace of its own, so its /sys/fs/cgroup is
+/// its own cgroup (its limits, as on runc) and not the guest's root. A
+/// spec written on a v1 host has none.
+pub(super) fn private_cgroup_namespace(spec: &mut serde_json::Value) {
+    if let Some(ns) = spec["linux"]["namespaces"].as_array_mut() {
+        if !ns.iter().any(|n| n["type"] == "cgroup") {
+            ns.push(serde_json::json!({"type": "cgroup"}));
+        }
     }
 }
 

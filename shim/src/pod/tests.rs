@@ -162,6 +162,24 @@ fn bad_calls_get_clear_errors() {
     assert!(e.to_string().contains("is running"), "{e}");
 }
 
+/// The guest spec gets a cgroup namespace of its own (the guest is
+/// cgroup v2); one the spec names already stays as it is.
+#[test]
+fn guest_specs_get_a_cgroup_namespace() {
+    let mut spec = serde_json::json!({"linux": {"namespaces": [{"type": "pid"}]}});
+    super::container::private_cgroup_namespace(&mut spec);
+    assert_eq!(
+        spec["linux"]["namespaces"][1],
+        serde_json::json!({"type": "cgroup"})
+    );
+    let mut named = serde_json::json!({"linux": {"namespaces": [
+        {"type": "cgroup", "path": "/proc/1/ns/cgroup"}
+    ]}});
+    let before = named.clone();
+    super::container::private_cgroup_namespace(&mut named);
+    assert_eq!(named, before);
+}
+
 /// hostNetwork and hostPID specs, and a cgroupsPath that climbs out of
 /// the hierarchy, are refused before anything is built.
 #[test]
