@@ -13,7 +13,7 @@
 //!   Attach to a container's shell;
 //! - an image of 32 layers, whiteouts and an opaque directory among them,
 //!   in the same pod (on moat one disk); an emptyDir shared live by two
-//!   containers;
+//!   containers; a read-only configMap volume and its atomic update;
 //! - security contexts: runAsUser, runAsGroup, supplemental groups,
 //!   capabilities, readOnlyRootFilesystem, no_new_privs;
 //! - CRI log files, 20000 lines of a chatty container without a loss,
@@ -203,7 +203,10 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     let mut layered = image_container_config(LAYERED_IMAGE, "side", 0, APP);
     layered.linux = Some(root_with_one_capability());
     layered.mounts.push(empty_dir);
+    let config_map = ConfigMap::new(cri, &pc, "cfg");
+    layered.mounts.push(config_map.mount());
     let side = create_and_start(cri, &pod, &pc, layered);
+    config_map.check_update(cri, &side);
     // The emptyDir is shared live: app, created first, sees side's file.
     exec_ok(cri, &side, &["sh", "-c", "echo from side > /shared/f"]);
     assert_eq!(exec_ok(cri, &app, &["cat", "/shared/f"]), "from side\n");
@@ -395,6 +398,73 @@ fn empty_dir(cri: &Cri, pc: &PodSandboxConfig, name: &str) -> Mount {
         container_path: format!("/{name}"),
         host_path: host.to_string_lossy().into_owned(),
         ..Default::default()
+    }
+}
+
+/// A configMap volume as kubelet's atomic writer keeps it: the data in a
+/// timestamped directory, `..data` a symlink to it, each key a symlink
+/// through `..data`; an update writes a new directory and swaps `..data`
+/// with a rename.
+struct ConfigMap {
+    dir: std::path::PathBuf,
+}
+
+impl ConfigMap {
+    fn new(cri: &Cri, pc: &PodSandboxConfig, name: &str) -> ConfigMap {
+        let uid = &pc.metadata.as_ref().unwrap().uid;
+        let dir = cri
+            .containerd
+            .dir
+            .join("kubelet/pods")
+            .join(uid)
+            .join("volumes/kubernetes.io~configmap")
+            .join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cm = ConfigMap { dir };
+        cm.write("..2026_12_05_1", "v1");
+        std::os::unix::fs::symlink("..data/key", cm.dir.join("key")).unwrap();
+        cm
+    }
+
+    /// Writes `value` into a new data directory and swaps `..data` to it.
+    fn write(&self, data_dir: &str, value: &str) {
+        std::fs::create_dir(self.dir.join(data_dir)).unwrap();
+        std::fs::write(self.dir.join(data_dir).join("key"), value).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(data_dir, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+
+    fn mount(&self) -> Mount {
+        Mount {
+            container_path: "/etc/cfg".into(),
+            host_path: self.dir.to_string_lossy().into_owned(),
+            readonly: true,
+            ..Default::default()
+        }
+    }
+
+    /// The container reads the key, cannot write it, and sees an update.
+    fn check_update(&self, cri: &Cri, id: &str) {
+        assert_eq!(exec_ok(cri, id, &["cat", "/etc/cfg/key"]), "v1");
+        let r = cri
+            .exec_sync(id, &["sh", "-c", "echo x > /etc/cfg/key"])
+            .unwrap();
+        assert_ne!(r.exit_code, 0, "a read-only configMap was written");
+        self.write("..2026_12_05_2", "v2");
+        std::fs::remove_dir_all(self.dir.join("..2026_12_05_1")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let now = exec_ok(cri, id, &["cat", "/etc/cfg/key"]);
+            if now == "v2" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the update never arrived: {now:?}"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
 }
 
