@@ -163,12 +163,7 @@ pub fn plan(spec: &mut Value, container_id: &str) -> Result<(Volumes, Vec<Item>)
     let Some(mounts) = spec["mounts"].as_array_mut() else {
         return Ok((v, Vec::new()));
     };
-    let mut pod_dirs = vec![Item::Dir {
-        rel: POD_EMPTY_DIRS.into(),
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-    }];
+    let mut empty_dirs = Vec::new();
     for (i, m) in mounts.iter_mut().enumerate() {
         if !is_bind(m) {
             continue;
@@ -188,7 +183,7 @@ pub fn plan(spec: &mut Value, container_id: &str) -> Result<(Volumes, Vec<Item>)
             // pod's containers share it live, as on the host.
             let rel = format!("{POD_EMPTY_DIRS}/{name}");
             m["source"] = json!(format!("{}/{rel}", moat_protocol::GUEST_SHARED_DIR));
-            pod_dirs.push(Item::Dir {
+            empty_dirs.push(Item::Dir {
                 rel,
                 mode: 0o777,
                 uid: 0,
@@ -213,8 +208,14 @@ pub fn plan(spec: &mut Value, container_id: &str) -> Result<(Volumes, Vec<Item>)
         });
     }
     let mut items = v.changes()?;
-    if pod_dirs.len() > 1 {
-        items.splice(0..0, pod_dirs);
+    if !empty_dirs.is_empty() {
+        let parent = Item::Dir {
+            rel: POD_EMPTY_DIRS.into(),
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+        };
+        items.splice(0..0, std::iter::once(parent).chain(empty_dirs));
     }
     Ok((v, items))
 }

@@ -704,17 +704,7 @@ impl PodNetns {
     /// harness whose test process is gone are removed first.
     pub fn create(tag: &str, subnet: u8) -> PodNetns {
         remove_stale_netns();
-        let addrs = String::from_utf8_lossy(
-            &Command::new("ip")
-                .args(["-o", "-4", "addr"])
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .into_owned();
-        let subnet = (subnet..=254)
-            .find(|n| !addrs.contains(&format!(" 10.213.{n}.")))
-            .expect("a free 10.213.x.0/24 on this host");
+        let subnet = free_subnet("10.213", subnet);
         let name = format!("moat-{tag}-{}", std::process::id());
         let host_if = format!("mh{}-{subnet}", std::process::id() % 100_000);
         let n = PodNetns {
@@ -756,6 +746,17 @@ impl PodNetns {
             .output()
             .unwrap()
     }
+}
+
+/// The first `n` from `from` up such that no interface of the host has an
+/// address in `<prefix>.<n>.0/24` (a namespace another test left would
+/// otherwise answer for its gateway).
+pub fn free_subnet(prefix: &str, from: u8) -> u8 {
+    let out = Command::new("ip").args(["-o", "-4", "addr"]).output();
+    let addrs = String::from_utf8_lossy(&out.map(|o| o.stdout).unwrap_or_default()).into_owned();
+    (from..=254)
+        .find(|n| !addrs.contains(&format!(" {prefix}.{n}.")))
+        .unwrap_or_else(|| panic!("a free {prefix}.x.0/24 on this host"))
 }
 
 /// Removes the namespaces `PodNetns` named `moat-<tag>-<pid>` for a test

@@ -381,18 +381,31 @@ fn check_layers(cri: &Cri, id: &str) {
     assert_eq!(listed("/opaque"), vec!["new".to_string()], "{out}");
 }
 
-/// An emptyDir volume `name` of the pod, where kubelet keeps one (the
-/// directory made, as kubelet does, mode 0777).
-fn empty_dir(cri: &Cri, pc: &PodSandboxConfig, name: &str) -> Mount {
+/// The directory kubelet keeps the pod's volume `name` of `plugin` in
+/// (below the test's directory), made.
+fn kubelet_volume(
+    cri: &Cri,
+    pc: &PodSandboxConfig,
+    plugin: &str,
+    name: &str,
+) -> std::path::PathBuf {
     let uid = &pc.metadata.as_ref().unwrap().uid;
-    let host = cri
+    let dir = cri
         .containerd
         .dir
         .join("kubelet/pods")
         .join(uid)
-        .join("volumes/kubernetes.io~empty-dir")
+        .join("volumes")
+        .join(plugin)
         .join(name);
-    std::fs::create_dir_all(&host).unwrap();
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// An emptyDir volume `name` of the pod, where kubelet keeps one (the
+/// directory made, as kubelet does, mode 0777).
+fn empty_dir(cri: &Cri, pc: &PodSandboxConfig, name: &str) -> Mount {
+    let host = kubelet_volume(cri, pc, "kubernetes.io~empty-dir", name);
     std::fs::set_permissions(&host, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     Mount {
         container_path: format!("/{name}"),
@@ -411,16 +424,9 @@ struct ConfigMap {
 
 impl ConfigMap {
     fn new(cri: &Cri, pc: &PodSandboxConfig, name: &str) -> ConfigMap {
-        let uid = &pc.metadata.as_ref().unwrap().uid;
-        let dir = cri
-            .containerd
-            .dir
-            .join("kubelet/pods")
-            .join(uid)
-            .join("volumes/kubernetes.io~configmap")
-            .join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        let cm = ConfigMap { dir };
+        let cm = ConfigMap {
+            dir: kubelet_volume(cri, pc, "kubernetes.io~configmap", name),
+        };
         cm.write("..2026_12_05_1", "v1");
         std::os::unix::fs::symlink("..data/key", cm.dir.join("key")).unwrap();
         cm
@@ -559,11 +565,7 @@ fn check_chatty_log(cri: &Cri, pod: &str, pc: &PodSandboxConfig) {
         pc,
         container_config("chatty", 0, &["sh", "-c", &script]),
     );
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while cri.container_status(&chatty).unwrap().state != ContainerState::ContainerExited as i32 {
-        assert!(Instant::now() < deadline, "chatty never exited");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_exited(cri, &chatty, Duration::from_secs(300));
     let path = std::path::Path::new(&pc.log_directory).join("chatty/0.log");
     let want: Vec<String> = (1..=LINES).map(|i| i.to_string()).collect();
     // containerd may still be copying the last lines when the task exits.
@@ -589,14 +591,12 @@ fn check_chatty_log(cri: &Cri, pod: &str, pc: &PodSandboxConfig) {
 }
 
 /// Streaming Exec (stdout, stderr, the exit code; and with stdin) and
-/// Attach to a container's shell (its stdin; its output in its log). (Exec with a terminal is not checked:
-/// through containerd 1.6's stream server over WebSocket its output is
-/// lost in most runs on runc as well.)
+/// Attach to a container's shell (its stdin; its output in its log).
+/// Exec with a terminal is not checked: through containerd 1.6's stream
+/// server over WebSocket its output is lost in most runs on runc as well.
 fn check_streaming(cri: &Cri, pod: &str, pc: &PodSandboxConfig, id: &str) {
     let script = "echo out; echo err >&2; exit 5";
-    let r = cri
-        .exec_stream(id, &["sh", "-c", script], false, b"")
-        .unwrap();
+    let r = cri.exec_stream(id, &["sh", "-c", script], b"").unwrap();
     assert_eq!(
         (r.stdout_text().as_str(), r.stderr.as_slice()),
         ("out\n", b"err\n".as_slice())
@@ -604,7 +604,7 @@ fn check_streaming(cri: &Cri, pod: &str, pc: &PodSandboxConfig, id: &str) {
     assert_eq!(r.exit_code(), Some(5), "{:?}", r.status);
 
     let r = cri
-        .exec_stream(id, &["head", "-n", "1"], false, b"to stdin\n")
+        .exec_stream(id, &["head", "-n", "1"], b"to stdin\n")
         .unwrap();
     assert_eq!(r.stdout_text(), "to stdin\n");
     assert_eq!(r.exit_code(), Some(0), "{:?}", r.status);
@@ -616,17 +616,24 @@ fn check_streaming(cri: &Cri, pod: &str, pc: &PodSandboxConfig, id: &str) {
     // attach stream's copy of it is lost in some runs on runc as well.
     cri.attach(&shell, b"echo attached; exit 3\n").unwrap();
     check_log(cri, pc, "shell/0.log", "attached");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    assert_eq!(
+        wait_exited(cri, &shell, Duration::from_secs(120)).exit_code,
+        3
+    );
+    cri.remove_container(&shell).unwrap();
+}
+
+/// Container `id`'s status once it has exited (within `timeout`).
+fn wait_exited(cri: &Cri, id: &str, timeout: Duration) -> ContainerStatus {
+    let deadline = Instant::now() + timeout;
     loop {
-        let s = cri.container_status(&shell).unwrap();
+        let s = cri.container_status(id).unwrap();
         if s.state == ContainerState::ContainerExited as i32 {
-            assert_eq!(s.exit_code, 3);
-            break;
+            return s;
         }
-        assert!(Instant::now() < deadline, "the attached shell never exited");
+        assert!(Instant::now() < deadline, "{id} never exited");
         std::thread::sleep(Duration::from_millis(500));
     }
-    cri.remove_container(&shell).unwrap();
 }
 
 /// The container's CRI log file has `line` as a full stdout entry:

@@ -212,26 +212,33 @@ pub(crate) fn run_tool(cmd: &mut Command, tool: &'static str) -> Result<(), Root
 /// Overlay whiteouts (0:0 char devices) and opaque-dir xattrs are kept,
 /// so the guest's overlayfs interprets the layer as containerd's would.
 pub fn build_erofs(dir: &Path, out: &Path) -> Result<(), RootfsError> {
+    build_erofs_with(dir, out, |_| {})
+}
+
+/// [`build_erofs`], with `prepare` adjusting the mkfs.erofs command first
+/// (a merged view's mount namespace, [`super::merge`]). A failed build
+/// leaves no file at `out`.
+pub(crate) fn build_erofs_with(
+    dir: &Path,
+    out: &Path,
+    prepare: impl FnOnce(&mut Command),
+) -> Result<(), RootfsError> {
     let _ = fs::remove_file(out);
-    let result = run_tool(
-        Command::new("mkfs.erofs").arg("--quiet").arg(out).arg(dir),
-        "mkfs.erofs",
-    )
-    .and_then(|()| sync_file(out));
+    let mut cmd = Command::new("mkfs.erofs");
+    cmd.arg("--quiet").arg(out).arg(dir);
+    prepare(&mut cmd);
+    let result = run_tool(&mut cmd, "mkfs.erofs").and_then(|()| {
+        File::open(out)
+            .and_then(|f| f.sync_all())
+            .map_err(|source| RootfsError::Io {
+                what: format!("sync {}", out.display()),
+                source,
+            })
+    });
     if result.is_err() {
         let _ = fs::remove_file(out);
     }
     result
-}
-
-/// fsyncs the file at `path`.
-pub(crate) fn sync_file(path: &Path) -> Result<(), RootfsError> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|source| RootfsError::Io {
-            what: format!("sync {}", path.display()),
-            source,
-        })
 }
 
 #[cfg(test)]
@@ -326,8 +333,7 @@ mod tests {
     /// A chain of layers is one cached image; another order is another.
     #[test]
     fn merged_chains_build_once() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !nix::unistd::geteuid().is_root() {
             eprintln!("SKIPPED merged_chains_build_once: needs root (mount namespace)");
             return;
         }

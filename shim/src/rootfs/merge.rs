@@ -19,9 +19,8 @@ use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use super::cache::{run_tool, sync_file};
+use super::cache::build_erofs_with;
 use super::RootfsError;
 
 /// Characters overlayfs's mount options cannot carry in a layer path.
@@ -87,12 +86,9 @@ pub fn build_merged_erofs(lowers: &[PathBuf], out: &Path) -> Result<(), RootfsEr
     })?;
     let target = cstring("mount point", mountpoint.as_os_str().as_bytes())?;
     let base_c = cstring("layer directory", base.as_os_str().as_bytes())?;
-    let _ = fs::remove_file(out);
-    let mut cmd = Command::new("mkfs.erofs");
-    cmd.arg("--quiet").arg(out).arg(&mountpoint);
     // SAFETY: between fork and exec only syscalls (unshare, mount, chdir)
     // on strings built before the fork; nothing allocates or locks.
-    unsafe {
+    let mount_layers = |cmd: &mut std::process::Command| unsafe {
         cmd.pre_exec(move || {
             let fail = || Err(std::io::Error::last_os_error());
             if libc::unshare(libc::CLONE_NEWNS) != 0 {
@@ -101,14 +97,8 @@ pub fn build_merged_erofs(lowers: &[PathBuf], out: &Path) -> Result<(), RootfsEr
             // Nothing this process mounts may propagate to the host.
             let root = c"/".as_ptr();
             let flags = libc::MS_REC | libc::MS_PRIVATE;
-            if libc::mount(
-                std::ptr::null(),
-                root,
-                std::ptr::null(),
-                flags,
-                std::ptr::null(),
-            ) != 0
-            {
+            let none = std::ptr::null();
+            if libc::mount(none, root, none, flags, std::ptr::null()) != 0 {
                 return fail();
             }
             if libc::chdir(base_c.as_ptr()) != 0 {
@@ -121,12 +111,9 @@ pub fn build_merged_erofs(lowers: &[PathBuf], out: &Path) -> Result<(), RootfsEr
             }
             Ok(())
         });
-    }
-    let result = run_tool(&mut cmd, "mkfs.erofs").and_then(|()| sync_file(out));
+    };
+    let result = build_erofs_with(&mountpoint, out, mount_layers);
     let _ = fs::remove_dir(&mountpoint);
-    if result.is_err() {
-        let _ = fs::remove_file(out);
-    }
     result
 }
 
@@ -134,11 +121,6 @@ pub fn build_merged_erofs(lowers: &[PathBuf], out: &Path) -> Result<(), RootfsEr
 mod tests {
     use super::*;
     use moat_testutil::TempDir;
-
-    fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
-    }
 
     #[test]
     fn common_ancestor_of_snapshot_dirs() {
@@ -164,7 +146,7 @@ mod tests {
     /// stays mounted.
     #[test]
     fn the_image_is_the_overlay_of_the_layers() {
-        if !is_root() {
+        if !nix::unistd::geteuid().is_root() {
             eprintln!(
                 "SKIPPED the_image_is_the_overlay_of_the_layers: needs root (mount namespace)"
             );

@@ -258,12 +258,12 @@ fn prepare_into(
                 });
             }
             // Many layers reach the guest as one disk (see `merge`).
-            let images = match lowers.as_slice() {
-                [] => Vec::new(),
-                [one] => vec![cache.get_or_build(one)?],
-                many => vec![cache.get_or_build_merged(many)?],
+            let image = match lowers.as_slice() {
+                [] => None,
+                [one] => Some(cache.get_or_build(one)?),
+                many => Some(cache.get_or_build_merged(many)?),
             };
-            for path in images {
+            if let Some(path) = image {
                 out.layers.push(Disk {
                     path,
                     fs_type: "erofs".into(),

@@ -14,7 +14,9 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::{guest_assets, host_tools, skip, text, workspace, Containerd, MoatConfig, IMAGE};
+use crate::{
+    free_subnet, guest_assets, host_tools, skip, text, workspace, Containerd, MoatConfig, IMAGE,
+};
 
 pub mod stream;
 
@@ -71,8 +73,7 @@ pub fn setup_cri(tag: &str, extra_moat_config: &str) -> Option<Cri> {
         vmm: None,
         extra: extra_moat_config.into(),
     };
-    let n = free_subnet();
-    let subnet = format!("10.214.{n}.0/24");
+    let subnet = format!("10.214.{}.0/24", free_subnet("10.214", 1));
     let bridge = format!("mcri{}", std::process::id() % 100_000);
     let env = [
         ("MOAT_CRI", "1"),
@@ -109,15 +110,6 @@ fn cni_plugins() -> Result<(), String> {
     }
 }
 
-/// The first `10.214.<n>.0/24` that no interface of the host has.
-fn free_subnet() -> u8 {
-    let out = Command::new("ip").args(["-o", "-4", "addr"]).output();
-    let addrs = String::from_utf8_lossy(&out.map(|o| o.stdout).unwrap_or_default()).into_owned();
-    (1..=254)
-        .find(|n| !addrs.contains(&format!(" 10.214.{n}.")))
-        .expect("a free 10.214.x.0/24 on this host")
-}
-
 async fn connect(sock: PathBuf) -> Channel {
     // The URI is a placeholder: the connector dials the socket.
     Endpoint::try_from("http://[::]:50051")
@@ -133,9 +125,35 @@ async fn connect(sock: PathBuf) -> Channel {
         .expect("connect to containerd's CRI socket")
 }
 
+/// A command line as CRI carries it.
+fn strings(cmd: &[&str]) -> Vec<String> {
+    cmd.iter().map(|s| s.to_string()).collect()
+}
+
 impl Cri {
     fn block<T>(&self, f: impl Future<Output = CriResult<tonic::Response<T>>>) -> CriResult<T> {
         self.rt.block_on(f).map(tonic::Response::into_inner)
+    }
+
+    /// One call of the runtime service, on a clone of the client (a
+    /// cheap handle on the one channel).
+    fn rpc<T, F>(&self, call: impl FnOnce(RuntimeServiceClient<Channel>) -> F) -> CriResult<T>
+    where
+        F: Future<Output = CriResult<tonic::Response<T>>>,
+    {
+        self.block(call(self.runtime.clone()))
+    }
+
+    /// Reads to its end the stream the stream server serves at the `url`
+    /// that Exec or Attach answered (`what` names the call).
+    fn stream(
+        &self,
+        what: &str,
+        url: CriResult<String>,
+        stdin: &[u8],
+    ) -> Result<StreamOutput, String> {
+        let url = url.map_err(|e| format!("{what}: {e}"))?;
+        self.rt.block_on(stream::run(&url, stdin, STREAM_TIMEOUT))
     }
 
     /// Builds busybox, the pause image and the many-layer image and
@@ -190,13 +208,12 @@ impl Cri {
 
     /// RunPodSandbox with `handler`; the pod's id.
     pub fn run_pod(&self, config: PodSandboxConfig, handler: &str) -> CriResult<String> {
-        let mut c = self.runtime.clone();
         let req = RunPodSandboxRequest {
             config: Some(config),
             runtime_handler: handler.into(),
         };
         let id = self
-            .block(async move { c.run_pod_sandbox(req).await })?
+            .rpc(|mut c| async move { c.run_pod_sandbox(req).await })?
             .pod_sandbox_id;
         self.containerd.note_grouping(&[], &id);
         Ok(id)
@@ -204,12 +221,11 @@ impl Cri {
 
     /// PodSandboxStatus.
     pub fn pod_status(&self, id: &str) -> CriResult<PodSandboxStatus> {
-        let mut c = self.runtime.clone();
         let req = PodSandboxStatusRequest {
             pod_sandbox_id: id.into(),
             verbose: false,
         };
-        let status = self.block(async move { c.pod_sandbox_status(req).await })?;
+        let status = self.rpc(|mut c| async move { c.pod_sandbox_status(req).await })?;
         status
             .status
             .ok_or_else(|| tonic::Status::internal("PodSandboxStatus without a status"))
@@ -217,30 +233,27 @@ impl Cri {
 
     /// StopPodSandbox.
     pub fn stop_pod(&self, id: &str) -> CriResult<()> {
-        let mut c = self.runtime.clone();
         let req = StopPodSandboxRequest {
             pod_sandbox_id: id.into(),
         };
-        self.block(async move { c.stop_pod_sandbox(req).await })
+        self.rpc(|mut c| async move { c.stop_pod_sandbox(req).await })
             .map(drop)
     }
 
     /// RemovePodSandbox.
     pub fn remove_pod(&self, id: &str) -> CriResult<()> {
-        let mut c = self.runtime.clone();
         let req = RemovePodSandboxRequest {
             pod_sandbox_id: id.into(),
         };
-        self.block(async move { c.remove_pod_sandbox(req).await })
+        self.rpc(|mut c| async move { c.remove_pod_sandbox(req).await })
             .map(drop)
     }
 
     /// ListPodSandbox, unfiltered.
     pub fn list_pods(&self) -> CriResult<Vec<PodSandbox>> {
-        let mut c = self.runtime.clone();
         let req = ListPodSandboxRequest { filter: None };
         Ok(self
-            .block(async move { c.list_pod_sandbox(req).await })?
+            .rpc(|mut c| async move { c.list_pod_sandbox(req).await })?
             .items)
     }
 
@@ -251,56 +264,51 @@ impl Cri {
         pod_config: &PodSandboxConfig,
         config: ContainerConfig,
     ) -> CriResult<String> {
-        let mut c = self.runtime.clone();
         let req = CreateContainerRequest {
             pod_sandbox_id: pod.into(),
             config: Some(config),
             sandbox_config: Some(pod_config.clone()),
         };
         Ok(self
-            .block(async move { c.create_container(req).await })?
+            .rpc(|mut c| async move { c.create_container(req).await })?
             .container_id)
     }
 
     /// StartContainer.
     pub fn start_container(&self, id: &str) -> CriResult<()> {
-        let mut c = self.runtime.clone();
         let req = StartContainerRequest {
             container_id: id.into(),
         };
-        self.block(async move { c.start_container(req).await })
+        self.rpc(|mut c| async move { c.start_container(req).await })
             .map(drop)
     }
 
     /// StopContainer, with SIGKILL after `timeout_secs`.
     pub fn stop_container(&self, id: &str, timeout_secs: i64) -> CriResult<()> {
-        let mut c = self.runtime.clone();
         let req = StopContainerRequest {
             container_id: id.into(),
             timeout: timeout_secs,
         };
-        self.block(async move { c.stop_container(req).await })
+        self.rpc(|mut c| async move { c.stop_container(req).await })
             .map(drop)
     }
 
     /// RemoveContainer.
     pub fn remove_container(&self, id: &str) -> CriResult<()> {
-        let mut c = self.runtime.clone();
         let req = RemoveContainerRequest {
             container_id: id.into(),
         };
-        self.block(async move { c.remove_container(req).await })
+        self.rpc(|mut c| async move { c.remove_container(req).await })
             .map(drop)
     }
 
     /// ContainerStatus.
     pub fn container_status(&self, id: &str) -> CriResult<ContainerStatus> {
-        let mut c = self.runtime.clone();
         let req = ContainerStatusRequest {
             container_id: id.into(),
             verbose: false,
         };
-        let status = self.block(async move { c.container_status(req).await })?;
+        let status = self.rpc(|mut c| async move { c.container_status(req).await })?;
         status
             .status
             .ok_or_else(|| tonic::Status::internal("ContainerStatus without a status"))
@@ -308,7 +316,6 @@ impl Cri {
 
     /// ListContainers of one pod (all pods for "").
     pub fn list_containers(&self, pod: &str) -> CriResult<Vec<Container>> {
-        let mut c = self.runtime.clone();
         let req = ListContainersRequest {
             filter: Some(ContainerFilter {
                 pod_sandbox_id: pod.into(),
@@ -316,72 +323,63 @@ impl Cri {
             }),
         };
         Ok(self
-            .block(async move { c.list_containers(req).await })?
+            .rpc(|mut c| async move { c.list_containers(req).await })?
             .containers)
     }
 
     /// UpdateContainerResources of container `id`.
     pub fn update_resources(&self, id: &str, linux: LinuxContainerResources) -> CriResult<()> {
-        let mut c = self.runtime.clone();
         let req = UpdateContainerResourcesRequest {
             container_id: id.into(),
             linux: Some(linux),
             ..Default::default()
         };
-        self.block(async move { c.update_container_resources(req).await })
+        self.rpc(|mut c| async move { c.update_container_resources(req).await })
             .map(drop)
     }
 
     /// ContainerStats of container `id`.
     pub fn container_stats(&self, id: &str) -> CriResult<ContainerStats> {
-        let mut c = self.runtime.clone();
         let req = ContainerStatsRequest {
             container_id: id.into(),
         };
-        self.block(async move { c.container_stats(req).await })?
+        self.rpc(|mut c| async move { c.container_stats(req).await })?
             .stats
             .ok_or_else(|| tonic::Status::internal("ContainerStats without stats"))
     }
 
     /// ReopenContainerLog of container `id`.
     pub fn reopen_log(&self, id: &str) -> CriResult<()> {
-        let mut c = self.runtime.clone();
         let req = ReopenContainerLogRequest {
             container_id: id.into(),
         };
-        self.block(async move { c.reopen_container_log(req).await })
+        self.rpc(|mut c| async move { c.reopen_container_log(req).await })
             .map(drop)
     }
 
-    /// A streaming Exec of `cmd` in container `id` (with a terminal when
-    /// `tty`), fed `stdin`, read to its end.
+    /// A streaming Exec of `cmd` in container `id`, fed `stdin`, read to
+    /// its end.
     pub fn exec_stream(
         &self,
         id: &str,
         cmd: &[&str],
-        tty: bool,
         stdin: &[u8],
     ) -> Result<StreamOutput, String> {
-        let mut c = self.runtime.clone();
         let req = ExecRequest {
             container_id: id.into(),
-            cmd: cmd.iter().map(|s| s.to_string()).collect(),
-            tty,
+            cmd: strings(cmd),
+            tty: false,
             stdin: !stdin.is_empty(),
             stdout: true,
-            stderr: !tty,
+            stderr: true,
         };
-        let url = self
-            .block(async move { c.exec(req).await })
-            .map_err(|e| format!("Exec: {e}"))?
-            .url;
-        self.rt.block_on(stream::run(&url, stdin, STREAM_TIMEOUT))
+        let url = self.rpc(|mut c| async move { c.exec(req).await });
+        self.stream("Exec", url.map(|r| r.url), stdin)
     }
 
     /// Attach to container `id` (started with stdin open), feeding it
     /// `stdin`, read to the stream's end.
     pub fn attach(&self, id: &str, stdin: &[u8]) -> Result<StreamOutput, String> {
-        let mut c = self.runtime.clone();
         let req = AttachRequest {
             container_id: id.into(),
             stdin: true,
@@ -389,22 +387,18 @@ impl Cri {
             stdout: true,
             stderr: true,
         };
-        let url = self
-            .block(async move { c.attach(req).await })
-            .map_err(|e| format!("Attach: {e}"))?
-            .url;
-        self.rt.block_on(stream::run(&url, stdin, STREAM_TIMEOUT))
+        let url = self.rpc(|mut c| async move { c.attach(req).await });
+        self.stream("Attach", url.map(|r| r.url), stdin)
     }
 
     /// ExecSync of `cmd` in container `id`.
     pub fn exec_sync(&self, id: &str, cmd: &[&str]) -> CriResult<ExecSyncResponse> {
-        let mut c = self.runtime.clone();
         let req = ExecSyncRequest {
             container_id: id.into(),
-            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            cmd: strings(cmd),
             timeout: 0,
         };
-        self.block(async move { c.exec_sync(req).await })
+        self.rpc(|mut c| async move { c.exec_sync(req).await })
     }
 
     /// Stops and removes every pod left (a failed test's), so that CNI
