@@ -15,6 +15,7 @@
 //!   [`syscall`] trait), [`cgroup`], [`seccomp`] (with [`syscall_table`])
 //!   and [`oci`] (the spec types);
 //! - [`stdio`]: the stdio-stream port and each process's pipes or pty;
+//!   [`port_forward`]: CRI PortForward connections that arrive on it;
 //! - [`reaper`], [`events`], [`oom`]: exit statuses, and the exit/OOM
 //!   events the host takes with GetEvent;
 //! - [`network`] and [`files`]: SetNetwork and CopyFile;
@@ -34,6 +35,7 @@ pub mod mount;
 pub mod network;
 pub mod oci;
 pub mod oom;
+pub mod port_forward;
 pub mod process;
 pub mod reaper;
 pub mod seccomp;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use moat_protocol::agent::Stdio;
-use moat_protocol::stream::{write_reply, StreamHeader, StreamKind};
+use moat_protocol::stream::{write_reply, Request, StreamHeader, StreamKind};
 
 use crate::error::{AgentError, IoContext, Result};
 use crate::process::{pipe, ChildStdio};
@@ -91,8 +91,11 @@ pub fn serve(
 
 fn handshake(mut s: UnixStream, registry: &StreamRegistry, known: &dyn Fn(&str) -> bool) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let header = match StreamHeader::read_from(&mut s) {
-        Ok(h) => h,
+    let request = Request::read_from(&mut s);
+    let _ = s.set_read_timeout(None);
+    let header = match request {
+        Ok(Request::Stdio(h)) => h,
+        Ok(Request::Forward { port }) => return crate::port_forward::serve(s, port),
         Err(e) => {
             log::warn!("stdio handshake: {e}");
             let _ = write_reply(&mut s, Err(&e.to_string()));
@@ -104,7 +107,6 @@ fn handshake(mut s: UnixStream, registry: &StreamRegistry, known: &dyn Fn(&str) 
         let _ = write_reply(&mut s, Err(&msg));
         return;
     }
-    let _ = s.set_read_timeout(None);
     if write_reply(&mut s, Ok(())).is_ok() {
         log::debug!("stdio {:?} attached", header);
         registry.park(header, s);

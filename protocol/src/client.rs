@@ -187,20 +187,47 @@ impl AgentClient {
         kind: StreamKind,
     ) -> Result<UnixStream, ClientError> {
         let connector = self.connector.as_ref().ok_or(ClientError::NoConnector)?;
-        let mut stream = connector
-            .connect(self.agent_port + STDIO_PORT_OFFSET)
-            .map_err(ClientError::Connect)?;
-        // The agent answers at once unless the guest is wedged: a Start
-        // must then fail, not hang.
-        stream
-            .set_read_timeout(Some(crate::STREAM_ATTACH_TIMEOUT))
-            .map_err(ClientError::Connect)?;
-        StreamHeader::new(container_id, exec_id, kind).attach(&mut stream)?;
-        stream
-            .set_read_timeout(None)
-            .map_err(ClientError::Connect)?;
-        Ok(stream)
+        on_stdio_port(connector, self.agent_port, |s| {
+            StreamHeader::new(container_id, exec_id, kind).attach(s)
+        })
     }
+
+    /// The connector and agent port, for [`open_forward`] from threads that
+    /// do not hold the client.
+    pub fn connector(&self) -> Option<(Connector, u32)> {
+        Some((self.connector.clone()?, self.agent_port))
+    }
+}
+
+/// Opens a connection to TCP port `port` on the guest's loopback, through
+/// the agent listening on `agent_port` (the CRI PortForward path).
+pub fn open_forward(
+    connector: &Connector,
+    agent_port: u32,
+    port: u16,
+) -> Result<UnixStream, ClientError> {
+    on_stdio_port(connector, agent_port, |s| crate::stream::forward(s, port))
+}
+
+/// A new connection to the stdio port, after `handshake` succeeded on it.
+fn on_stdio_port(
+    connector: &Connector,
+    agent_port: u32,
+    handshake: impl FnOnce(&mut UnixStream) -> Result<(), StreamError>,
+) -> Result<UnixStream, ClientError> {
+    let mut stream = connector
+        .connect(agent_port + STDIO_PORT_OFFSET)
+        .map_err(ClientError::Connect)?;
+    // The agent answers at once unless the guest is wedged: a Start
+    // must then fail, not hang.
+    stream
+        .set_read_timeout(Some(crate::STREAM_ATTACH_TIMEOUT))
+        .map_err(ClientError::Connect)?;
+    handshake(&mut stream)?;
+    stream
+        .set_read_timeout(None)
+        .map_err(ClientError::Connect)?;
+    Ok(stream)
 }
 
 impl Deref for AgentClient {

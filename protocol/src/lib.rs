@@ -4,7 +4,9 @@
 //!   `proto/agent.proto` at build time.
 //! - [`client`]: the host-side [`AgentClient`], which performs the version
 //!   handshake, and [`connect_hybrid_vsock`] for Firecracker-style hybrid vsock.
-//! - [`stream`]: the stdio stream handshake used on [`STDIO_PORT`] (both sides).
+//! - [`stream`]: the stdio stream and port-forward handshakes used on
+//!   [`STDIO_PORT`] (both sides).
+//! - [`relay`]: the byte copy both ends of a port forward run.
 //! - [`ids`]: the container/exec id rules both sides enforce.
 //!
 //! See `protocol/README.md` for the wire-level description.
@@ -27,10 +29,11 @@ pub mod agent_ttrpc {
 
 pub mod client;
 pub mod ids;
+pub mod relay;
 pub mod stream;
 pub mod vsock;
 
-pub use client::{AgentClient, ClientError, Connector};
+pub use client::{open_forward, AgentClient, ClientError, Connector};
 pub use stream::{StreamError, StreamHeader, StreamKind};
 pub use vsock::connect_hybrid_vsock;
 

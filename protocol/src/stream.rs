@@ -16,6 +16,11 @@
 //! write shutdown is the process's EOF), stdout/stderr agent->host (the agent
 //! closes after the process's pipe reached EOF), pty both ways. The host must
 //! not send stream data before it has read the reply.
+//!
+//! The same port carries port forwarding (CRI PortForward): the header
+//! `"MOAT-FORWARD/1 tcp <port>"` asks the agent to connect to
+//! `127.0.0.1:<port>` in the pod's network namespace; its reply says whether
+//! that worked, and then the connection carries the TCP bytes both ways.
 
 use std::io::{self, Read, Write};
 
@@ -27,6 +32,8 @@ use crate::ids::{is_valid_exec_id, is_valid_id};
 pub const STREAM_MAGIC: &str = "MOAT-STDIO/1";
 /// Largest header the agent accepts.
 pub const MAX_HEADER_LEN: usize = 512;
+/// Protocol word of a port-forward request.
+pub const FORWARD_MAGIC: &str = "MOAT-FORWARD/1";
 /// Largest reply line the host accepts.
 const MAX_REPLY_LEN: usize = 1024;
 
@@ -127,34 +134,23 @@ impl StreamHeader {
         Ok(out)
     }
 
-    /// Reads a header (agent side): two reads, whatever its length.
+    /// Reads a stdio header (agent side); a port-forward request is refused.
     pub fn read_from(r: &mut impl Read) -> Result<StreamHeader, StreamError> {
-        let mut len = [0u8; 2];
-        r.read_exact(&mut len)?;
-        let len = usize::from(u16::from_be_bytes(len));
-        if len == 0 || len > MAX_HEADER_LEN {
-            return Err(StreamError::Malformed(format!("header length {len}")));
+        match Request::read_from(r)? {
+            Request::Stdio(h) => Ok(h),
+            Request::Forward { .. } => Err(StreamError::Malformed(
+                "a port-forward request where a stdio header was expected".into(),
+            )),
         }
-        let mut buf = vec![0u8; len];
-        r.read_exact(&mut buf)?;
-        let text = String::from_utf8(buf)
-            .map_err(|_| StreamError::Malformed("header is not UTF-8".into()))?;
-        StreamHeader::parse(&text)
     }
 
-    fn parse(text: &str) -> Result<StreamHeader, StreamError> {
-        let words: Vec<&str> = text.split(' ').collect();
-        let [magic, kind, container_id, exec_id] = words[..] else {
+    fn parse(words: &[&str]) -> Result<StreamHeader, StreamError> {
+        let [kind, container_id, exec_id] = words[..] else {
             return Err(StreamError::Malformed(format!(
                 "expected 4 words, got {}",
-                words.len()
+                words.len() + 1
             )));
         };
-        if magic != STREAM_MAGIC {
-            return Err(StreamError::Malformed(format!(
-                "unknown protocol word {magic:?}"
-            )));
-        }
         let kind = StreamKind::parse(kind)
             .ok_or_else(|| StreamError::Malformed(format!("unknown stream kind {kind:?}")))?;
         let exec_id = if exec_id == "-" { "" } else { exec_id };
@@ -168,14 +164,87 @@ impl StreamHeader {
     /// agent's answer. On `Ok` the stream is ready for data.
     pub fn attach<S: Read + Write>(&self, stream: &mut S) -> Result<(), StreamError> {
         stream.write_all(&self.encode()?)?;
-        let reply = crate::vsock::read_line(stream, MAX_REPLY_LEN)?;
-        match reply.strip_prefix("ERR ") {
-            None if reply == "OK" => Ok(()),
-            None => Err(StreamError::Malformed(format!(
-                "unexpected reply {reply:?}"
-            ))),
-            Some(reason) => Err(StreamError::Refused(reason.to_owned())),
+        read_reply(stream)
+    }
+}
+
+/// What a connection to the stdio port asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// A process's stdio stream.
+    Stdio(StreamHeader),
+    /// A TCP connection to `127.0.0.1:port` in the guest.
+    Forward {
+        /// The guest port.
+        port: u16,
+    },
+}
+
+impl Request {
+    /// Reads a request (agent side): two reads, whatever its length.
+    pub fn read_from(r: &mut impl Read) -> Result<Request, StreamError> {
+        let mut len = [0u8; 2];
+        r.read_exact(&mut len)?;
+        let len = usize::from(u16::from_be_bytes(len));
+        if len == 0 || len > MAX_HEADER_LEN {
+            return Err(StreamError::Malformed(format!("header length {len}")));
         }
+        let mut buf = vec![0u8; len];
+        r.read_exact(&mut buf)?;
+        let text = String::from_utf8(buf)
+            .map_err(|_| StreamError::Malformed("header is not UTF-8".into()))?;
+        let words: Vec<&str> = text.split(' ').collect();
+        match words[0] {
+            STREAM_MAGIC => StreamHeader::parse(&words[1..]).map(Request::Stdio),
+            FORWARD_MAGIC => parse_forward(&words[1..]),
+            magic => Err(StreamError::Malformed(format!(
+                "unknown protocol word {magic:?}"
+            ))),
+        }
+    }
+}
+
+fn parse_forward(words: &[&str]) -> Result<Request, StreamError> {
+    let ["tcp", port] = words[..] else {
+        return Err(StreamError::Malformed(format!(
+            "expected \"tcp <port>\" after {FORWARD_MAGIC}, got {:?}",
+            words.join(" ")
+        )));
+    };
+    // Digits only: Rust's parser would take a leading '+'.
+    let number = port.bytes().all(|b| b.is_ascii_digit());
+    match port.parse::<u16>() {
+        Ok(n) if number && n != 0 => Ok(Request::Forward { port: n }),
+        _ => Err(StreamError::Malformed(format!("bad port {port:?}"))),
+    }
+}
+
+/// The port-forward request for guest port `port`, length prefix included.
+pub fn encode_forward(port: u16) -> Vec<u8> {
+    let text = format!("{FORWARD_MAGIC} tcp {port}");
+    let mut out = Vec::with_capacity(2 + text.len());
+    // A few dozen bytes: the length always fits.
+    out.extend_from_slice(&(text.len() as u16).to_be_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out
+}
+
+/// Host side: asks the agent on a fresh connection to connect to guest
+/// port `port`. On `Ok` the stream carries that TCP connection's bytes.
+pub fn forward<S: Read + Write>(stream: &mut S, port: u16) -> Result<(), StreamError> {
+    stream.write_all(&encode_forward(port))?;
+    read_reply(stream)
+}
+
+/// Host side: the agent's one-line answer to a header.
+fn read_reply<S: Read>(stream: &mut S) -> Result<(), StreamError> {
+    let reply = crate::vsock::read_line(stream, MAX_REPLY_LEN)?;
+    match reply.strip_prefix("ERR ") {
+        None if reply == "OK" => Ok(()),
+        None => Err(StreamError::Malformed(format!(
+            "unexpected reply {reply:?}"
+        ))),
+        Some(reason) => Err(StreamError::Refused(reason.to_owned())),
     }
 }
 
@@ -227,6 +296,35 @@ mod tests {
         assert!(StreamHeader::new("..", "", StreamKind::Stdin)
             .encode()
             .is_err());
+    }
+
+    #[test]
+    fn forward_requests_round_trip_and_bad_ones_are_refused() {
+        let bytes = encode_forward(8080);
+        assert_eq!(
+            Request::read_from(&mut &bytes[..]).unwrap(),
+            Request::Forward { port: 8080 }
+        );
+        assert!(StreamHeader::read_from(&mut &bytes[..]).is_err());
+        let stdio = StreamHeader::new("c", "", StreamKind::Stdin)
+            .encode()
+            .unwrap();
+        assert!(matches!(
+            Request::read_from(&mut &stdio[..]).unwrap(),
+            Request::Stdio(_)
+        ));
+        for bad in [
+            "MOAT-FORWARD/1 tcp 0",
+            "MOAT-FORWARD/1 tcp 65536",
+            "MOAT-FORWARD/1 tcp +80",
+            "MOAT-FORWARD/1 udp 53",
+            "MOAT-FORWARD/1 tcp",
+            "MOAT-FORWARD/1 tcp 80 81",
+        ] {
+            let mut b = (bad.len() as u16).to_be_bytes().to_vec();
+            b.extend_from_slice(bad.as_bytes());
+            assert!(Request::read_from(&mut &b[..]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! - containers created and started in the pod; ExecSync (exit codes,
 //!   the CRI hostname and DNS config, the CNI address inside the pod);
 //!   streaming Exec, with stdin too, over the stream server's WebSocket;
-//!   Attach to a container's shell;
+//!   Attach to a container's shell; PortForward to a port the workload
+//!   listens on in the pod's loopback (on moat in the guest);
 //! - an image of 32 layers, whiteouts and an opaque directory among them,
 //!   in the same pod (on moat one disk); an emptyDir shared live by two
 //!   containers; a read-only configMap volume and its atomic update;
@@ -197,6 +198,7 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
         "pod IP {ip} not in {addrs}"
     );
     elapsed(t, &format!("{handler}: execs checked"));
+    check_port_forward(cri, &pod, &app, handler);
 
     // A second container, of an image of 32 layers (more than a VM has
     // block slots), shares the pod's network and hostname.
@@ -621,6 +623,28 @@ fn check_streaming(cri: &Cri, pod: &str, pc: &PodSandboxConfig, id: &str) {
         3
     );
     cri.remove_container(&shell).unwrap();
+}
+
+/// PortForward reaches a port that container `id` listens on, on the
+/// pod's loopback only (on moat inside the guest). A port nothing listens
+/// on gives no data and an error.
+fn check_port_forward(cri: &Cri, pod: &str, id: &str, handler: &str) {
+    let serve = "mkdir -p /tmp/www && hostname > /tmp/www/index.html \
+                 && httpd -p 127.0.0.1:8080 -h /tmp/www";
+    exec_ok(cri, id, &["sh", "-c", serve]);
+    let r = cri
+        .port_forward(pod, 8080, b"GET /index.html HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&r.data);
+    assert!(
+        answer.starts_with("HTTP/1.1 200 OK") && answer.ends_with(&format!("\npod-{handler}\n")),
+        "{answer:?} {:?}",
+        r.trace
+    );
+    let r = cri.port_forward(pod, 8081, b"hello?").unwrap();
+    eprintln!("{handler}: port forward to a closed port: {:?}", r.error);
+    assert!(r.data.is_empty(), "{:?}", r.trace);
+    assert!(!r.error.is_empty(), "{:?}", r.trace);
 }
 
 /// Container `id`'s status once it has exited (within `timeout`).

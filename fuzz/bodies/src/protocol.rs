@@ -1,10 +1,12 @@
-//! The shim <-> agent protocol: the stdio stream handshake (header and
-//! reply framing, both sides) and the ttrpc payloads each side decodes.
+//! The shim <-> agent protocol: the stdio stream and port-forward
+//! handshakes (header and reply framing, both sides) and the ttrpc
+//! payloads each side decodes.
 
 use std::io::{self, Read, Write};
 
 use moat_protocol::agent;
 use moat_protocol::protobuf::Message;
+use moat_protocol::stream::{encode_forward, Request};
 use moat_protocol::{StreamHeader, StreamKind};
 
 use crate::Input;
@@ -12,10 +14,18 @@ use crate::Input;
 /// The agent reading a stream header, and the host reading the agent's
 /// reply to one. A header that parses must encode back to itself.
 pub fn stream_header(data: &[u8]) {
-    if let Ok(header) = StreamHeader::read_from(&mut &data[..]) {
-        let bytes = header.encode().expect("a parsed header encodes");
-        let again = StreamHeader::read_from(&mut &bytes[..]).expect("an encoded header parses");
-        assert_eq!(header, again);
+    match Request::read_from(&mut &data[..]) {
+        Ok(Request::Stdio(header)) => {
+            let bytes = header.encode().expect("a parsed header encodes");
+            let again = StreamHeader::read_from(&mut &bytes[..]).expect("an encoded header parses");
+            assert_eq!(header, again);
+        }
+        Ok(Request::Forward { port }) => {
+            let bytes = encode_forward(port);
+            let again = Request::read_from(&mut &bytes[..]).expect("an encoded request parses");
+            assert_eq!(again, Request::Forward { port });
+        }
+        Err(_) => {}
     }
     let mut peer = Peer { reply: data };
     let _ = StreamHeader::new("fuzz", "", StreamKind::Stdout).attach(&mut peer);

@@ -6,8 +6,11 @@
 //!
 //! A container without a network namespace path (plain `ctr run`) gets a
 //! new, loopback-only namespace in the guest, as with runc.
+//!
+//! [`port_forward`] makes CRI PortForward reach ports in the guest.
 
 mod discover;
+pub mod port_forward;
 
 use std::fs::{self, File};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -285,12 +288,19 @@ impl PodNetwork {
         fs::write(dir.join(RECORD), serde_json::to_vec(&r)?)
     }
 
-    /// Removes the redirects and taps from the pod's namespace.
+    /// The pod's network namespace on the host.
+    pub fn netns(&self) -> &Path {
+        &self.netns
+    }
+
+    /// Removes the redirects (port forwarding's too) and taps from the
+    /// pod's namespace.
     pub fn teardown(&self) {
         if self.links.is_empty() {
             return;
         }
         if let Err(e) = in_netns(&self.netns, || {
+            port_forward::remove_redirect();
             unjoin(&self.links);
             Ok(())
         }) {
@@ -308,6 +318,7 @@ pub fn teardown_recorded(dir: &Path) {
         return;
     };
     let _ = in_netns(&r.netns, || {
+        port_forward::remove_redirect();
         unjoin(&r.links);
         Ok(())
     });

@@ -10,7 +10,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::RawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use moat_protocol::{AgentClient, ClientError, Connector};
@@ -18,6 +18,7 @@ use thiserror::Error;
 
 use crate::annotations::VmSize;
 use crate::config::Config;
+use crate::network::port_forward::{self, PortForward};
 use crate::network::{NetworkError, PodNetwork};
 use crate::rootfs::cache::fnv1a;
 use crate::rootfs::Disk;
@@ -238,6 +239,8 @@ pub struct Sandbox {
     slots: Mutex<Vec<Slot>>,
     cgroup: Option<HostCgroup>,
     network: Option<PodNetwork>,
+    /// CRI PortForward into the guest ([`PortForward`]).
+    forward: Option<PortForward>,
 }
 
 impl Sandbox {
@@ -320,6 +323,9 @@ impl Sandbox {
                 .map_err(|e| SandboxError::Api(format!("SetNetwork: {e}")))?;
         }
         log_boot(id, vmm, &agent);
+        let forward = network
+            .filter(|n| !n.request.interfaces.is_empty())
+            .and_then(|n| start_port_forward(id, n, &agent));
         let (vmm, cgroup, mut network) = undo.disarm();
         if let Some(n) = &mut network {
             n.release_taps();
@@ -333,6 +339,7 @@ impl Sandbox {
             slots: Mutex::new(slots),
             cgroup,
             network,
+            forward,
         })
     }
 
@@ -422,6 +429,9 @@ impl Sandbox {
             }
         }
         self.vmm.stop(Duration::from_secs(5));
+        if let Some(f) = &self.forward {
+            f.stop();
+        }
         if let Some(cg) = &self.cgroup {
             cg.remove();
         }
@@ -431,6 +441,18 @@ impl Sandbox {
         let _ = fs::remove_dir_all(&self.uppers);
         log::info!("sandbox {}: VM stopped", self.id);
     }
+}
+
+/// Port forwarding for a pod with a network. A pod works without it, so a
+/// failure (no `iptables` on the host, say) is logged, not fatal.
+fn start_port_forward(id: &str, n: &PodNetwork, agent: &AgentClient) -> Option<PortForward> {
+    let (connector, agent_port) = agent.connector()?;
+    let dial: port_forward::Dial = Arc::new(move |port| {
+        moat_protocol::open_forward(&connector, agent_port, port).map_err(|e| e.to_string())
+    });
+    PortForward::start(n.netns(), dial)
+        .inspect_err(|e| log::warn!("sandbox {id}: no port forwarding: {e}"))
+        .ok()
 }
 
 /// Block slots `b0`, `b1`, ...: `disks` first, then `spares` empty ones.

@@ -391,6 +391,26 @@ impl Cri {
         self.stream("Attach", url.map(|r| r.url), stdin)
     }
 
+    /// PortForward to `port` of pod `pod`: sends `request` there and reads
+    /// the answer to the stream's end.
+    pub fn port_forward(
+        &self,
+        pod: &str,
+        port: u16,
+        request: &[u8],
+    ) -> Result<stream::ForwardOutput, String> {
+        let req = PortForwardRequest {
+            pod_sandbox_id: pod.into(),
+            port: vec![port.into()],
+        };
+        let url = self
+            .rpc(|mut c| async move { c.port_forward(req).await })
+            .map_err(|e| format!("PortForward: {e}"))?
+            .url;
+        self.rt
+            .block_on(stream::forward(&url, port, request, STREAM_TIMEOUT))
+    }
+
     /// ExecSync of `cmd` in container `id`.
     pub fn exec_sync(&self, id: &str, cmd: &[&str]) -> CriResult<ExecSyncResponse> {
         let req = ExecSyncRequest {

@@ -1,9 +1,13 @@
-//! CRI streaming (Exec, Attach) through containerd's stream server, over
-//! WebSocket with Kubernetes' `v4.channel.k8s.io` protocol, as the API
-//! server's proxy speaks it to a kubelet: every binary message is one
-//! channel byte (0 stdin, 1 stdout, 2 stderr, 3 the final status as a
-//! JSON `metav1.Status`, 4 terminal resize) and that channel's data.
+//! CRI streaming (Exec, Attach, PortForward) through containerd's stream
+//! server, over WebSocket with Kubernetes' `v4.channel.k8s.io` protocol,
+//! as the API server's proxy speaks it to a kubelet: every binary message
+//! is one channel byte and that channel's data. For Exec and Attach the
+//! channels are 0 stdin, 1 stdout, 2 stderr, 3 the final status as a JSON
+//! `metav1.Status`, 4 terminal resize. For PortForward each port of the
+//! URL's `port` query has a data channel (both ways) and an error channel,
+//! and each channel's data begins with the port (2 bytes, little-endian).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -17,6 +21,9 @@ const STDIN: u8 = 0;
 const STDOUT: u8 = 1;
 const STDERR: u8 = 2;
 const STATUS: u8 = 3;
+/// PortForward's channels for its first port.
+const DATA: u8 = 0;
+const ERROR: u8 = 1;
 
 /// What a finished stream carried.
 #[derive(Debug, Default)]
@@ -63,7 +70,14 @@ pub async fn run(url: &str, stdin: &[u8], timeout: Duration) -> Result<StreamOut
         .map_err(|_| format!("the stream of {url} did not end within {timeout:?}"))?
 }
 
-async fn run_to_end(url: &str, stdin: &[u8]) -> Result<StreamOutput, String> {
+/// Connects to `url`, sends `input` on channel `to`, and reads every
+/// channel until the server closes the stream: what each channel carried,
+/// and a trace of the messages.
+async fn exchange(
+    url: &str,
+    to: u8,
+    input: &[u8],
+) -> Result<(HashMap<u8, Vec<u8>>, Vec<String>), String> {
     let ws_url = url.replacen("http://", "ws://", 1);
     let mut request = ws_url
         .into_client_request()
@@ -74,29 +88,40 @@ async fn run_to_end(url: &str, stdin: &[u8]) -> Result<StreamOutput, String> {
     let (mut ws, _) = tokio_tungstenite::connect_async(request)
         .await
         .map_err(|e| format!("connect {url}: {e}"))?;
-    if !stdin.is_empty() {
-        let frame: Vec<u8> = [STDIN].iter().chain(stdin).copied().collect();
+    if !input.is_empty() {
+        let frame: Vec<u8> = [to].iter().chain(input).copied().collect();
         ws.send(Message::binary(frame))
             .await
-            .map_err(|e| format!("send stdin: {e}"))?;
+            .map_err(|e| format!("send on channel {to}: {e}"))?;
     }
-    let mut out = StreamOutput::default();
-    let mut status = Vec::new();
+    let mut channels: HashMap<u8, Vec<u8>> = HashMap::new();
+    let mut trace = Vec::new();
     while let Some(msg) = ws.next().await {
-        out.trace.push(format!("{msg:?}"));
+        trace.push(format!("{msg:?}"));
         match msg {
-            Ok(Message::Binary(frame)) => match frame.split_first() {
-                Some((&STDOUT, data)) => out.stdout.extend_from_slice(data),
-                Some((&STDERR, data)) => out.stderr.extend_from_slice(data),
-                Some((&STATUS, data)) => status.extend_from_slice(data),
-                _ => {}
-            },
+            Ok(Message::Binary(frame)) => {
+                if let Some((&channel, data)) = frame.split_first() {
+                    channels.entry(channel).or_default().extend_from_slice(data);
+                }
+            }
             Ok(Message::Close(_)) => break,
             Ok(_) => {}
             // The server may drop the connection instead of closing it.
             Err(_) => break,
         }
     }
+    Ok((channels, trace))
+}
+
+async fn run_to_end(url: &str, stdin: &[u8]) -> Result<StreamOutput, String> {
+    let (mut channels, trace) = exchange(url, STDIN, stdin).await?;
+    let mut out = StreamOutput {
+        stdout: channels.remove(&STDOUT).unwrap_or_default(),
+        stderr: channels.remove(&STDERR).unwrap_or_default(),
+        status: None,
+        trace,
+    };
+    let status = channels.remove(&STATUS).unwrap_or_default();
     if !status.is_empty() {
         out.status = Some(
             serde_json::from_slice(&status)
@@ -104,6 +129,46 @@ async fn run_to_end(url: &str, stdin: &[u8]) -> Result<StreamOutput, String> {
         );
     }
     Ok(out)
+}
+
+/// What a port forward's stream carried.
+#[derive(Debug, Default)]
+pub struct ForwardOutput {
+    /// The data channel, after its port prefix: what the port answered.
+    pub data: Vec<u8>,
+    /// The error channel, after its port prefix.
+    pub error: String,
+    /// Every message received, for a failing test's report.
+    pub trace: Vec<String>,
+}
+
+/// Connects to `url` (the stream server's answer to PortForward) for
+/// `port`, sends `request` to the port, and reads its answer until the
+/// server closes the stream or `timeout` passes.
+pub async fn forward(
+    url: &str,
+    port: u16,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<ForwardOutput, String> {
+    let url = format!("{url}?port={port}");
+    let (mut channels, trace) = tokio::time::timeout(timeout, exchange(&url, DATA, request))
+        .await
+        .map_err(|_| format!("the stream of {url} did not end within {timeout:?}"))??;
+    let mut after_port = |channel| -> Result<Vec<u8>, String> {
+        let bytes = channels.remove(&channel).unwrap_or_default();
+        match bytes.get(..2) {
+            Some(p) if p == port.to_le_bytes() => Ok(bytes[2..].to_vec()),
+            _ => Err(format!(
+                "channel {channel} does not begin with port {port}: {trace:?}"
+            )),
+        }
+    };
+    Ok(ForwardOutput {
+        data: after_port(DATA)?,
+        error: String::from_utf8_lossy(&after_port(ERROR)?).into_owned(),
+        trace,
+    })
 }
 
 #[cfg(test)]
