@@ -622,18 +622,20 @@ pub fn setup_root(sys: &dyn Syscall, spec: &oci::Spec, rootfs: &Path) -> Result<
     for d in &linux.devices {
         create_device(d)?;
     }
-    for p in &linux.masked_paths {
-        mask_path(sys, p)?;
-    }
-    for p in &linux.readonly_paths {
-        readonly_path(sys, p)?;
-    }
+    // Sysctls before the read-only paths: /proc/sys is one of them (as
+    // runc orders it).
     for (k, v) in &linux.sysctl {
         if k.contains("..") || k.contains('/') {
             return Err(AgentError::InvalidSpec(format!("bad sysctl {k:?}")));
         }
         let path = format!("/proc/sys/{}", k.replace('.', "/"));
         fs::write(&path, v).ctx(|| format!("setting sysctl {k}"))?;
+    }
+    for p in &linux.masked_paths {
+        mask_path(sys, p)?;
+    }
+    for p in &linux.readonly_paths {
+        readonly_path(sys, p)?;
     }
     let new_uts = linux
         .namespaces

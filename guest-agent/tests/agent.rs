@@ -232,6 +232,7 @@ fn main() {
             &erofs_env,
             scenarios::rootfs_propagation,
         ),
+        case("sysctls", &dir_env, scenarios::sysctls),
         case("stdin", &dir_env, scenarios::stdin),
         case("tty_and_resize", &dir_env, scenarios::tty_and_resize),
         case("seccomp_denial", &dir_env, scenarios::seccomp_denial),

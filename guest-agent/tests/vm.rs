@@ -249,6 +249,7 @@ fn main() {
             // Here with real controllers: UpdateContainer and Stats limits run.
             case("bad_requests", &b, scenarios::bad_requests),
             case("rootfs_propagation", &b, scenarios::rootfs_propagation),
+            case("sysctls", &b, scenarios::sysctls),
             case("big_output (8 MiB)", &b, scenarios::big_output),
         ],
     ];

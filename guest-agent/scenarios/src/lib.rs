@@ -585,6 +585,21 @@ pub fn rootfs_propagation(env: &Env) {
     }
 }
 
+/// A spec's sysctls are written before /proc/sys turns read-only (the
+/// default OCI spec lists it among readonlyPaths), so they apply and the
+/// container cannot change them afterwards. The container's own IPC
+/// namespace keeps the value away from the agent's.
+pub fn sysctls(env: &Env) {
+    let c = env.client();
+    let script = "cat /proc/sys/kernel/shm_rmid_forced; \
+                  echo 0 > /proc/sys/kernel/shm_rmid_forced && echo writable";
+    let mut s = spec(&["sh", "-c", script], false);
+    s["linux"]["sysctl"] = json!({"kernel.shm_rmid_forced": "1"});
+    let (w, out, err) = run(env, &c, "sysctl", &s);
+    assert_eq!((w.exit_status, out.as_str()), (1, "1\n"), "{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+}
+
 /// The smallest N for which `seq 1 N` prints at least `bytes` bytes.
 fn seq_lines_for(bytes: u64) -> u64 {
     let (mut n, mut total, mut width, mut next_width_at) = (0u64, 0u64, 1u64, 10u64);
@@ -1176,6 +1191,7 @@ pub fn all(env: &Env) {
     exec_exit_codes(env);
     signals(env);
     rootfs_propagation(env);
+    sysctls(env);
     stdin(env);
     tty_and_resize(env);
     seccomp_denial(env);
