@@ -14,6 +14,7 @@ use moat_protocol::ttrpc::{self, Code, TtrpcContext};
 use moat_protocol::{AgentClient, PROTOCOL_VERSION};
 
 use super::vm::{BootSpec, PodVm, VmLauncher};
+use crate::annotations::VmSize;
 use crate::rootfs::Disk;
 use crate::sandbox::SandboxError;
 
@@ -169,6 +170,11 @@ impl agent_ttrpc::Agent for FakeAgent {
         Ok(Empty::new())
     }
 
+    fn update_container(&self, _: &TtrpcContext, _: UpdateContainerRequest) -> Res<Empty> {
+        self.0.hang_if_silent();
+        Ok(Empty::new())
+    }
+
     fn stats(&self, _: &TtrpcContext, _: ContainerRequest) -> Res<StatsResponse> {
         self.0.hang_if_silent();
         Ok(StatsResponse::default())
@@ -208,6 +214,7 @@ pub struct FakeVm {
     /// How long an attach takes.
     pub attach_delay_ms: AtomicU64,
     pub stopped: AtomicBool,
+    size: VmSize,
     _server: ttrpc::Server,
 }
 
@@ -264,6 +271,10 @@ impl PodVm for FakeVm {
 
     fn exited(&self) -> bool {
         self.state.crashed.load(Ordering::SeqCst)
+    }
+
+    fn size(&self) -> VmSize {
+        self.size
     }
 
     fn stop(&self) {
@@ -332,6 +343,7 @@ impl VmLauncher for Arc<FakeLauncher> {
             slots: Mutex::new(slots),
             attach_delay_ms: AtomicU64::new(0),
             stopped: AtomicBool::new(false),
+            size: spec.size,
             _server: server,
         });
         self.vms.lock().unwrap().push(vm.clone());

@@ -13,6 +13,7 @@ use super::error::{PodError, PodResult};
 use super::guest::{self, Deadline};
 use super::vm::PodVm;
 use super::{lock, Container, Pod};
+use crate::annotations::VmSize;
 use crate::events::{timestamp, Event};
 use crate::process::{ProcState, Process, Status};
 use crate::stdio::{ProcessIo, StdioSpec};
@@ -300,9 +301,10 @@ impl Pod {
     /// Applies new OCI resources (JSON) to a container.
     pub fn update(&self, id: &str, resources: Vec<u8>) -> PodResult<()> {
         let c = self.container(id)?;
-        serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources)
+        let parsed = serde_json::from_slice::<oci_spec::runtime::LinuxResources>(&resources)
             .map_err(|e| PodError::InvalidArgument(format!("invalid resources: {e}")))?;
         let vm = self.vm()?;
+        fits_vm(vm.size(), &parsed)?;
         let r = agent::UpdateContainerRequest {
             container_id: c.id.clone(),
             oci_resources_json: resources,
@@ -355,4 +357,33 @@ impl Pod {
     pub fn wait(&self, id: &str, exec_id: &str) -> PodResult<ProcState> {
         Ok(self.container(id)?.process(exec_id)?.wait())
     }
+}
+
+/// A VM cannot grow (no memory or vCPU hotplug): a limit beyond its size
+/// would look applied but could never be reached, so it is refused.
+fn fits_vm(size: VmSize, r: &oci_spec::runtime::LinuxResources) -> PodResult<()> {
+    let vm_bytes = i64::from(size.memory_mib) << 20;
+    if let Some(limit) = r.memory().as_ref().and_then(|m| m.limit()) {
+        if limit > vm_bytes {
+            return Err(PodError::FailedPrecondition(format!(
+                "a memory limit of {} MiB does not fit the pod's VM of {} MiB, \
+                 which cannot grow",
+                (limit as u64).div_ceil(1 << 20),
+                size.memory_mib
+            )));
+        }
+    }
+    let cpu = r.cpu().as_ref();
+    if let Some(quota) = cpu.and_then(|c| c.quota()).filter(|q| *q > 0) {
+        let period = cpu.and_then(|c| c.period()).unwrap_or(100_000).max(1);
+        if quota as u64 > u64::from(size.vcpus) * period {
+            return Err(PodError::FailedPrecondition(format!(
+                "a CPU quota of {:.2} CPUs does not fit the pod's VM of {} vCPUs, \
+                 which cannot grow",
+                quota as f64 / period as f64,
+                size.vcpus
+            )));
+        }
+    }
+    Ok(())
 }

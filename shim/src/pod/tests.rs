@@ -162,6 +162,32 @@ fn bad_calls_get_clear_errors() {
     assert!(e.to_string().contains("is running"), "{e}");
 }
 
+/// An update within the VM's size reaches the agent; one beyond it is
+/// refused, saying the VM cannot grow (the default VM: 1 vCPU, 256 MiB).
+#[test]
+fn updates_beyond_the_vm_are_refused() {
+    let h = harness(FakeLauncher::default());
+    h.running("c1");
+    let update = |r: serde_json::Value| h.pod.update("c1", r.to_string().into_bytes());
+    update(serde_json::json!({"memory": {"limit": 256i64 << 20}, "cpu": {"quota": 50000, "period": 100000}}))
+        .unwrap();
+    update(serde_json::json!({"memory": {"limit": -1}, "cpu": {"quota": -1}})).unwrap();
+    let e = err(update(serde_json::json!({"memory": {"limit": 1i64 << 30}})));
+    assert!(matches!(e, PodError::FailedPrecondition(_)), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "a memory limit of 1024 MiB does not fit the pod's VM of 256 MiB, which cannot grow"
+    );
+    let e = err(update(
+        serde_json::json!({"cpu": {"quota": 150000, "period": 100000}}),
+    ));
+    assert!(
+        e.to_string()
+            .contains("1.50 CPUs does not fit the pod's VM of 1 vCPUs"),
+        "{e}"
+    );
+}
+
 /// The guest spec gets a cgroup namespace of its own (the guest is
 /// cgroup v2); one the spec names already stays as it is.
 #[test]

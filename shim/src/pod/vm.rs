@@ -26,6 +26,8 @@ pub trait PodVm: Send + Sync {
     fn release(&self, serials: &[String]);
     /// Whether the VM is gone (crashed, powered off, guest panic).
     fn exited(&self) -> bool;
+    /// The vCPUs and memory it booted with (it cannot grow).
+    fn size(&self) -> VmSize;
     /// Powers the VM off and removes its state directory.
     fn stop(&self);
 }
@@ -61,6 +63,7 @@ pub trait VmLauncher: Send + Sync {
 /// The real VM: a moat-vmm process ([`Sandbox`]).
 struct SandboxVm {
     sandbox: Sandbox,
+    size: VmSize,
 }
 
 impl PodVm for SandboxVm {
@@ -82,6 +85,10 @@ impl PodVm for SandboxVm {
 
     fn exited(&self) -> bool {
         self.sandbox.vmm_exited()
+    }
+
+    fn size(&self) -> VmSize {
+        self.size
     }
 
     fn stop(&self) {
@@ -125,7 +132,10 @@ impl VmLauncher for SandboxLauncher {
                 .map_err(|e| e.to_string())
             });
         match booted {
-            Ok(sandbox) => Ok(Arc::new(SandboxVm { sandbox })),
+            Ok(sandbox) => Ok(Arc::new(SandboxVm {
+                sandbox,
+                size: spec.size,
+            })),
             Err(e) => {
                 let _ = fs::remove_dir_all(spec.dir);
                 let _ = fs::remove_dir_all(spec.upper_dir);
