@@ -16,6 +16,7 @@
 //!   and [`oci`] (the spec types);
 //! - [`stdio`]: the stdio-stream port and each process's pipes or pty;
 //!   [`port_forward`]: CRI PortForward connections that arrive on it;
+//!   [`share`]: the host directories shared over FUSE through it;
 //! - [`reaper`], [`events`], [`oom`]: exit statuses, and the exit/OOM
 //!   events the host takes with GetEvent;
 //! - [`network`] and [`files`]: SetNetwork and CopyFile;
@@ -40,6 +41,7 @@ pub mod process;
 pub mod reaper;
 pub mod seccomp;
 pub mod server;
+pub mod share;
 pub mod stdio;
 pub mod syscall;
 pub mod syscall_table;

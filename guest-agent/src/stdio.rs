@@ -96,6 +96,7 @@ fn handshake(mut s: UnixStream, registry: &StreamRegistry, known: &dyn Fn(&str) 
     let header = match request {
         Ok(Request::Stdio(h)) => h,
         Ok(Request::Forward { port }) => return crate::port_forward::serve(s, port),
+        Ok(Request::Share { tag }) => return crate::share::serve(s, &tag),
         Err(e) => {
             log::warn!("stdio handshake: {e}");
             let _ = write_reply(&mut s, Err(&e.to_string()));

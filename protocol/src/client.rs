@@ -209,6 +209,16 @@ pub fn open_forward(
     on_stdio_port(connector, agent_port, |s| crate::stream::forward(s, port))
 }
 
+/// Opens the connection that serves the guest's FUSE mount `tag`
+/// (`GUEST_SHARES_DIR/<tag>`) through the agent listening on `agent_port`.
+pub fn open_share(
+    connector: &Connector,
+    agent_port: u32,
+    tag: &str,
+) -> Result<UnixStream, ClientError> {
+    on_stdio_port(connector, agent_port, |s| crate::stream::share(s, tag))
+}
+
 /// A new connection to the stdio port, after `handshake` succeeded on it.
 fn on_stdio_port(
     connector: &Connector,

@@ -33,7 +33,7 @@ pub mod relay;
 pub mod stream;
 pub mod vsock;
 
-pub use client::{open_forward, AgentClient, ClientError, Connector};
+pub use client::{open_forward, open_share, AgentClient, ClientError, Connector};
 pub use stream::{StreamError, StreamHeader, StreamKind};
 pub use vsock::connect_hybrid_vsock;
 
@@ -69,6 +69,9 @@ pub const MAX_COPY_CHUNK: usize = 1 << 20;
 /// Where CopyFile paths live in the guest (the agent's default state
 /// directory + `shared`); the shim points spec mounts there.
 pub const GUEST_SHARED_DIR: &str = "/run/moat/shared";
+/// Where the agent mounts the host's shared directories (read-write
+/// volumes, served over FUSE: `stream::Request::Share`).
+pub const GUEST_SHARES_DIR: &str = "/run/moat/shares";
 /// The guest's own /dev/shm (a 64 MiB tmpfs, as CRI's default sandbox
 /// shm): one VM is one pod, so the pod's containers bind it as theirs.
 pub const GUEST_POD_SHM: &str = "/dev/shm";

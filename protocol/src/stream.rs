@@ -21,6 +21,12 @@
 //! `"MOAT-FORWARD/1 tcp <port>"` asks the agent to connect to
 //! `127.0.0.1:<port>` in the pod's network namespace; its reply says whether
 //! that worked, and then the connection carries the TCP bytes both ways.
+//!
+//! And host directories shared live (read-write volumes): the header
+//! `"MOAT-SHARE/1 <tag>"` asks the agent to mount a FUSE filesystem at
+//! `GUEST_SHARES_DIR/<tag>` whose requests it relays on this connection;
+//! after `OK` the host answers them (FUSE messages both ways, each framed
+//! by the length in its own header). The mount goes when the host closes.
 
 use std::io::{self, Read, Write};
 
@@ -34,6 +40,8 @@ pub const STREAM_MAGIC: &str = "MOAT-STDIO/1";
 pub const MAX_HEADER_LEN: usize = 512;
 /// Protocol word of a port-forward request.
 pub const FORWARD_MAGIC: &str = "MOAT-FORWARD/1";
+/// Protocol word of a shared-directory request.
+pub const SHARE_MAGIC: &str = "MOAT-SHARE/1";
 /// Largest reply line the host accepts.
 const MAX_REPLY_LEN: usize = 1024;
 
@@ -127,20 +135,17 @@ impl StreamHeader {
             self.kind.as_str(),
             self.container_id
         );
-        let len = u16::try_from(text.len()).map_err(|_| StreamError::InvalidId)?;
-        let mut out = Vec::with_capacity(2 + text.len());
-        out.extend_from_slice(&len.to_be_bytes());
-        out.extend_from_slice(text.as_bytes());
-        Ok(out)
+        // Ids are at most MAX_ID_LEN: the header stays short.
+        Ok(framed(&text))
     }
 
     /// Reads a stdio header (agent side); a port-forward request is refused.
     pub fn read_from(r: &mut impl Read) -> Result<StreamHeader, StreamError> {
         match Request::read_from(r)? {
             Request::Stdio(h) => Ok(h),
-            Request::Forward { .. } => Err(StreamError::Malformed(
-                "a port-forward request where a stdio header was expected".into(),
-            )),
+            other => Err(StreamError::Malformed(format!(
+                "{other:?} where a stdio header was expected"
+            ))),
         }
     }
 
@@ -178,6 +183,11 @@ pub enum Request {
         /// The guest port.
         port: u16,
     },
+    /// A FUSE mount at `GUEST_SHARES_DIR/<tag>`, served by the host.
+    Share {
+        /// The mount's name (an id: see [`crate::ids`]).
+        tag: String,
+    },
 }
 
 impl Request {
@@ -197,6 +207,12 @@ impl Request {
         match words[0] {
             STREAM_MAGIC => StreamHeader::parse(&words[1..]).map(Request::Stdio),
             FORWARD_MAGIC => parse_forward(&words[1..]),
+            SHARE_MAGIC => match words[1..] {
+                [tag] if is_valid_id(tag) => Ok(Request::Share { tag: tag.into() }),
+                _ => Err(StreamError::Malformed(format!(
+                    "expected one valid tag after {SHARE_MAGIC}"
+                ))),
+            },
             magic => Err(StreamError::Malformed(format!(
                 "unknown protocol word {magic:?}"
             ))),
@@ -221,12 +237,30 @@ fn parse_forward(words: &[&str]) -> Result<Request, StreamError> {
 
 /// The port-forward request for guest port `port`, length prefix included.
 pub fn encode_forward(port: u16) -> Vec<u8> {
-    let text = format!("{FORWARD_MAGIC} tcp {port}");
+    framed(&format!("{FORWARD_MAGIC} tcp {port}"))
+}
+
+/// The shared-directory request for `tag`, length prefix included.
+pub fn encode_share(tag: &str) -> Result<Vec<u8>, StreamError> {
+    if !is_valid_id(tag) {
+        return Err(StreamError::InvalidId);
+    }
+    Ok(framed(&format!("{SHARE_MAGIC} {tag}")))
+}
+
+/// `text` behind its length; callers keep it far below 64 KiB.
+fn framed(text: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 + text.len());
-    // A few dozen bytes: the length always fits.
     out.extend_from_slice(&(text.len() as u16).to_be_bytes());
     out.extend_from_slice(text.as_bytes());
     out
+}
+
+/// Host side: asks the agent on a fresh connection to mount the share
+/// `tag`. On `Ok` the stream carries its FUSE requests and replies.
+pub fn share<S: Read + Write>(stream: &mut S, tag: &str) -> Result<(), StreamError> {
+    stream.write_all(&encode_share(tag)?)?;
+    read_reply(stream)
 }
 
 /// Host side: asks the agent on a fresh connection to connect to guest
@@ -306,6 +340,14 @@ mod tests {
             Request::Forward { port: 8080 }
         );
         assert!(StreamHeader::read_from(&mut &bytes[..]).is_err());
+        let share = encode_share("c1-m2").unwrap();
+        assert_eq!(
+            Request::read_from(&mut &share[..]).unwrap(),
+            Request::Share {
+                tag: "c1-m2".into()
+            }
+        );
+        assert!(encode_share("../x").is_err());
         let stdio = StreamHeader::new("c", "", StreamKind::Stdin)
             .encode()
             .unwrap();
@@ -320,6 +362,9 @@ mod tests {
             "MOAT-FORWARD/1 udp 53",
             "MOAT-FORWARD/1 tcp",
             "MOAT-FORWARD/1 tcp 80 81",
+            "MOAT-SHARE/1 ..",
+            "MOAT-SHARE/1 a b",
+            "MOAT-SHARE/1",
         ] {
             let mut b = (bad.len() as u16).to_be_bytes().to_vec();
             b.extend_from_slice(bad.as_bytes());

@@ -11,6 +11,7 @@ pub mod pod;
 mod process;
 mod rootfs;
 pub mod sandbox;
+pub mod share;
 mod stdio;
 pub mod task;
 mod volumes;

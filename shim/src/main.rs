@@ -2,8 +2,8 @@
 //! pod in its own KVM microVM.
 //!
 //! Actions: `start` (spawn or reuse the pod's shim daemon, print its ttrpc
-//! address), `delete` (clean up after a dead shim), `-info`, and the daemon
-//! itself. The bootstrap is our own rather than `containerd_shim::run`
+//! address), `delete` (clean up after a dead shim), `-info`, the daemon
+//! itself, and `fs-serve` (one shared directory's server: `share`). The bootstrap is our own rather than `containerd_shim::run`
 //! because the daemon serves the task API under both its v2 name (containerd
 //! 1.6/1.7) and its v3 name (containerd 2.x), and `start` must answer each
 //! containerd in the format it reads.
@@ -26,7 +26,7 @@ use containerd_shim::{DeleteResponse, ExitSignal, Flags};
 use thiserror::Error;
 
 use containerd_shim_moat_v1::config::Config;
-use containerd_shim_moat_v1::{annotations, daemon_socket, events, pod, sandbox, task};
+use containerd_shim_moat_v1::{annotations, daemon_socket, events, pod, sandbox, share, task};
 
 const RUNTIME_ID: &str = "io.containerd.moat.v1";
 const TTRPC_ADDRESS: &str = "TTRPC_ADDRESS";
@@ -65,6 +65,9 @@ fn main() {
     // its own at containerd's log (`log_to_containerd`).
     moat_crash::install("containerd-shim-moat-v1");
     let args: Vec<_> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == share::SUBCOMMAND) {
+        std::process::exit(share::server::main(&args[2..]));
+    }
     let result = containerd_shim::parse(&args[1..])
         .map_err(|e| ShimError::Args(e.to_string()))
         .and_then(|flags| {

@@ -1,6 +1,8 @@
 //! Bind mounts of host paths in a container's spec (Kubernetes' hosts,
-//! resolv.conf and hostname files, configmaps, secrets, `ctr run --mount`):
-//! the guest cannot see host paths, so their content is copied into the
+//! resolv.conf and hostname files, configmaps, secrets, `ctr run --mount`).
+//! A read-write directory (hostPath, PVC) is shared live ([`crate::share`]).
+//! Everything else is read-only or a file: the guest cannot see host
+//! paths, so their content is copied into the
 //! agent's shared directory (CopyFile) and the spec's source is rewritten to
 //! the copy. While the container lives, the sources are checked every
 //! [`SYNC_INTERVAL`]: what was added or changed is copied again and what
@@ -9,6 +11,11 @@
 //! gone, reaches the guest). The pod's /dev/shm (a bind of the sandbox's
 //! shm directory) becomes a bind of the guest's /dev/shm, which all the
 //! pod's containers share, as they share the sandbox's on the host.
+//!
+//! Propagation: with the CRI default (`rprivate`) a mount made on the host
+//! below a source after the container was created is not followed (its
+//! directory keeps what the guest last had), as with a private bind;
+//! with `rslave` or `rshared` it is copied in.
 //!
 //! The shim runs as root and reads paths that others may control, so:
 //! - a source is resolved once, when the container is created (a symlink
@@ -37,6 +44,8 @@ use moat_protocol::agent::CopyFileRequest;
 use moat_protocol::AgentClient;
 use serde_json::{json, Value};
 use thiserror::Error;
+
+use crate::share::Share;
 
 /// Total bytes one container may have copied in: volumes live in guest RAM.
 pub const MAX_COPY_BYTES: u64 = 64 << 20;
@@ -106,6 +115,12 @@ impl Item {
     }
 }
 
+fn read_only(m: &Value) -> bool {
+    m["options"]
+        .as_array()
+        .is_some_and(|o| o.iter().any(|x| x == "ro"))
+}
+
 fn is_bind(m: &Value) -> bool {
     m["type"] == "bind"
         || m["options"]
@@ -135,11 +150,26 @@ struct Source {
     rel: String,
     /// The spec's destination.
     dest: String,
+    /// Mounts made below the source later are followed (`rslave`,
+    /// `rshared`), not hidden (`rprivate`).
+    follows_new_mounts: bool,
+    /// The mounts below the source when the container was created.
+    mounts: HashSet<u64>,
+}
+
+/// Whether a bind's options let host mounts made later reach it.
+fn follows_new_mounts(m: &Value) -> bool {
+    m["options"].as_array().is_some_and(|o| {
+        o.iter()
+            .any(|x| ["rslave", "slave", "rshared", "shared"].contains(&x.as_str().unwrap_or("")))
+    })
 }
 
 /// A container's host bind sources and what the guest has of them.
 #[derive(Debug, Default)]
 pub struct Volumes {
+    /// Read-write directories, shared live instead of copied.
+    pub shares: Vec<Share>,
     sources: Vec<Source>,
     /// What was last copied, by path below the shared dir.
     seen: HashMap<String, Stamp>,
@@ -192,12 +222,28 @@ pub fn plan(spec: &mut Value, container_id: &str) -> Result<(Volumes, Vec<Item>)
             continue;
         }
         // The one resolution of the path, following symlinks as a bind does.
+        let source_err = |e: nix::Error| VolumeError::Source {
+            path: host.clone(),
+            dest: dest.clone(),
+            source: e.into(),
+        };
         let root = nix::fcntl::open(&host, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
-            .map_err(|e| VolumeError::Source {
-                path: host.clone(),
-                dest: dest.clone(),
-                source: e.into(),
-            })?;
+            .map_err(source_err)?;
+        if !read_only(m) && file_type(&fstat(&root).map_err(source_err)?) == SFlag::S_IFDIR {
+            let tag = format!("{container_id}-m{i}");
+            m["source"] = json!(format!("{}/{tag}", moat_protocol::GUEST_SHARES_DIR));
+            // The directory the descriptor holds, whatever the path is now.
+            let dir =
+                fs::read_link(format!("/proc/self/fd/{}", root.as_raw_fd())).map_err(|e| {
+                    VolumeError::Source {
+                        path: host.clone(),
+                        dest: dest.clone(),
+                        source: e,
+                    }
+                })?;
+            v.shares.push(Share { tag, dir });
+            continue;
+        }
         let rel = format!("{container_id}/m{i}");
         m["source"] = json!(format!("{}/{rel}", moat_protocol::GUEST_SHARED_DIR));
         v.sources.push(Source {
@@ -205,6 +251,8 @@ pub fn plan(spec: &mut Value, container_id: &str) -> Result<(Volumes, Vec<Item>)
             host,
             rel,
             dest,
+            follows_new_mounts: follows_new_mounts(m),
+            mounts: HashSet::new(),
         });
     }
     let mut items = v.changes()?;
@@ -240,6 +288,7 @@ fn kubelet_empty_dir(path: &Path) -> Option<&str> {
 }
 
 impl Volumes {
+    /// Whether there is nothing to keep in sync (shares need no sync).
     pub fn is_empty(&self) -> bool {
         self.sources.is_empty()
     }
@@ -254,10 +303,30 @@ impl Volumes {
     pub fn changes(&mut self) -> Result<Vec<Item>, VolumeError> {
         let mut found = Vec::new();
         let mut total = 0;
-        for s in &self.sources {
-            walk_source(s, &mut found, &mut total)?;
+        let mut hidden = Vec::new();
+        for s in &mut self.sources {
+            let mut walk = Walk {
+                items: &mut found,
+                total: &mut total,
+                hidden: &mut hidden,
+                mounts: MountRule::of(s),
+            };
+            walk_source(s, &mut walk)?;
+            if let MountRule::Record(seen) = walk.mounts {
+                s.mounts = seen;
+            }
         }
-        let present: HashSet<&str> = found.iter().map(|(i, _)| i.rel()).collect();
+        // What lies below a hidden new mount stays as the guest has it.
+        let kept = |rel: &str| {
+            hidden
+                .iter()
+                .any(|h: &String| rel == h || rel.starts_with(&format!("{h}/")))
+        };
+        let present: HashSet<&str> = found
+            .iter()
+            .map(|(i, _)| i.rel())
+            .chain(self.seen.keys().map(String::as_str).filter(|k| kept(k)))
+            .collect();
         // Removals first, top-most only (a directory takes its contents).
         let mut gone: Vec<String> = self
             .seen
@@ -347,12 +416,65 @@ impl At<'_> {
     }
 }
 
+/// One walk over the sources: what it found, the bytes so far, and the
+/// directories it left alone (new private mounts).
+struct Walk<'a> {
+    items: &'a mut Vec<(Item, Stamp)>,
+    total: &'a mut u64,
+    hidden: &'a mut Vec<String>,
+    mounts: MountRule,
+}
+
+/// What mounts below a source mean to a walk of it.
+enum MountRule {
+    /// The first walk: every mount found is the container's.
+    Record(HashSet<u64>),
+    /// A private source: a directory on another mount is not walked.
+    Known(HashSet<u64>),
+    /// A source that follows host mounts: walk everything.
+    Follow,
+}
+
+impl MountRule {
+    fn of(s: &Source) -> MountRule {
+        if s.follows_new_mounts {
+            MountRule::Follow
+        } else if s.mounts.is_empty() {
+            MountRule::Record(HashSet::new())
+        } else {
+            MountRule::Known(s.mounts.clone())
+        }
+    }
+}
+
+/// The id of the mount `dir` lies on; 0 on kernels without `STATX_MNT_ID`
+/// (every mount then looks the same, and all are followed).
+fn mount_id(dir: &OwnedFd) -> std::io::Result<u64> {
+    // SAFETY: an all-zero statx is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx of the descriptor itself (empty path, AT_EMPTY_PATH)
+    // writes into `stx`, which we own.
+    let r = unsafe {
+        libc::statx(
+            dir.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(if stx.stx_mask & libc::STATX_MNT_ID != 0 {
+        stx.stx_mnt_id
+    } else {
+        0
+    })
+}
+
 /// Walks one source from its descriptor: a file, or a directory tree.
-fn walk_source(
-    source: &Source,
-    items: &mut Vec<(Item, Stamp)>,
-    total: &mut u64,
-) -> Result<(), VolumeError> {
+fn walk_source(source: &Source, walk: &mut Walk) -> Result<(), VolumeError> {
     let at = At {
         source,
         host: source.host.clone(),
@@ -362,11 +484,11 @@ fn walk_source(
     let root = source.root.0.as_fd();
     let st = fstat(root).map_err(|e| at.err(e))?;
     match file_type(&st) {
-        SFlag::S_IFREG => add_file(&at, &st, items, total),
+        SFlag::S_IFREG => add_file(&at, &st, walk),
         SFlag::S_IFDIR => {
             let dir = openat2(root, ".", beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
                 .map_err(|e| at.err(e))?;
-            walk_dir(&at, dir, items, total)
+            walk_dir(&at, dir, walk)
         }
         _ => Err(VolumeError::Special {
             path: source.host.clone(),
@@ -375,18 +497,13 @@ fn walk_source(
     }
 }
 
-fn add_file(
-    at: &At,
-    st: &FileStat,
-    items: &mut Vec<(Item, Stamp)>,
-    total: &mut u64,
-) -> Result<(), VolumeError> {
+fn add_file(at: &At, st: &FileStat, walk: &mut Walk) -> Result<(), VolumeError> {
     let len = st.st_size as u64;
-    *total += len;
-    if *total > MAX_COPY_BYTES {
+    *walk.total += len;
+    if *walk.total > MAX_COPY_BYTES {
         return Err(VolumeError::TooLarge);
     }
-    items.push((
+    walk.items.push((
         Item::File {
             rel: at.rel.clone(),
             host: at.host.clone(),
@@ -404,14 +521,20 @@ fn add_file(
 }
 
 /// Adds the directory open at `dir` and, sorted, what is in it.
-fn walk_dir(
-    at: &At,
-    dir: OwnedFd,
-    items: &mut Vec<(Item, Stamp)>,
-    total: &mut u64,
-) -> Result<(), VolumeError> {
+fn walk_dir(at: &At, dir: OwnedFd, walk: &mut Walk) -> Result<(), VolumeError> {
+    let mount = mount_id(&dir).map_err(|e| at.err(e))?;
+    match &mut walk.mounts {
+        MountRule::Record(seen) => {
+            seen.insert(mount);
+        }
+        MountRule::Known(known) if !known.contains(&mount) => {
+            walk.hidden.push(at.rel.clone());
+            return Ok(());
+        }
+        _ => {}
+    }
     let st = fstat(&dir).map_err(|e| at.err(e))?;
-    items.push((
+    walk.items.push((
         Item::Dir {
             rel: at.rel.clone(),
             mode: st.st_mode & 0o7777,
@@ -428,23 +551,17 @@ fn walk_dir(
         .map_err(|e| at.err(e))?;
     names.sort();
     for name in names {
-        walk_entry(&at.child(&name), dir.as_fd(), &name, items, total)?;
+        walk_entry(&at.child(&name), dir.as_fd(), &name, walk)?;
     }
     Ok(())
 }
 
-fn walk_entry(
-    at: &At,
-    dir: BorrowedFd,
-    name: &OsStr,
-    items: &mut Vec<(Item, Stamp)>,
-    total: &mut u64,
-) -> Result<(), VolumeError> {
+fn walk_entry(at: &At, dir: BorrowedFd, name: &OsStr, walk: &mut Walk) -> Result<(), VolumeError> {
     let st = fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| at.err(e))?;
     match file_type(&st) {
         SFlag::S_IFLNK => {
             let target = nix::fcntl::readlinkat(dir, name).map_err(|e| at.err(e))?;
-            items.push((
+            walk.items.push((
                 Item::Symlink {
                     rel: at.rel.clone(),
                     target: target.to_string_lossy().into_owned(),
@@ -453,11 +570,11 @@ fn walk_entry(
             ));
             Ok(())
         }
-        SFlag::S_IFREG => add_file(at, &st, items, total),
+        SFlag::S_IFREG => add_file(at, &st, walk),
         SFlag::S_IFDIR => {
             let sub = openat2(dir, name, beneath(OFlag::O_RDONLY | OFlag::O_DIRECTORY))
                 .map_err(|e| at.err(e))?;
-            walk_dir(at, sub, items, total)
+            walk_dir(at, sub, walk)
         }
         _ => {
             log::warn!(
@@ -613,6 +730,87 @@ mod tests {
         assert_eq!(p("/k/other/u/volumes/kubernetes.io~empty-dir/x"), None);
     }
 
+    /// A read-write directory is shared (its source becomes the guest's
+    /// mount of it); a read-only one and a file are copied.
+    #[test]
+    fn read_write_directories_are_shared_the_rest_copied() {
+        let t = tempdir("share");
+        fs::create_dir_all(t.join("rw")).unwrap();
+        fs::create_dir_all(t.join("ro")).unwrap();
+        fs::write(t.join("file"), "f").unwrap();
+        let mut spec = json!({"mounts": [
+            {"destination": "/rw", "type": "bind", "source": t.join("rw"), "options": ["rbind", "rw"]},
+            {"destination": "/ro", "type": "bind", "source": t.join("ro"), "options": ["rbind", "ro"]},
+            {"destination": "/file", "type": "bind", "source": t.join("file"), "options": ["rbind", "rw"]}
+        ]});
+        let (vols, items) = plan(&mut spec, "c1").unwrap();
+        assert_eq!(
+            vols.shares,
+            [Share {
+                tag: "c1-m0".into(),
+                dir: t.join("rw")
+            }]
+        );
+        let m = &spec["mounts"];
+        assert_eq!(m[0]["source"], "/run/moat/shares/c1-m0");
+        assert_eq!(m[1]["source"], "/run/moat/shared/c1/m1");
+        assert_eq!(m[2]["source"], "/run/moat/shared/c1/m2");
+        let rels: Vec<&str> = items.iter().map(Item::rel).collect();
+        assert_eq!(rels, ["c1/m1", "c1/m2"]);
+        let _ = fs::remove_dir_all(&t);
+    }
+
+    /// A mount made on the host below a private (`rprivate`) source after
+    /// the container was created is not copied, and what the guest had
+    /// there stays; an `rslave` source copies it in.
+    #[test]
+    fn new_host_mounts_reach_only_sources_that_follow_them() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("!!! SKIPPED new_host_mounts_reach_only_sources_that_follow_them: needs root to mount");
+            return;
+        }
+        let t = tempdir("prop");
+        fs::create_dir_all(t.join("vol/sub")).unwrap();
+        fs::write(t.join("vol/sub/old"), "old").unwrap();
+        let mut spec = json!({"mounts": [
+            {"destination": "/private", "type": "bind", "source": t.join("vol"), "options": ["rbind", "rprivate", "ro"]},
+            {"destination": "/slave", "type": "bind", "source": t.join("vol"), "options": ["rbind", "rslave", "ro"]}
+        ]});
+        let (mut vols, items) = plan(&mut spec, "c1").unwrap();
+        assert_eq!(files(&items), ["c1/m0/sub/old", "c1/m1/sub/old"]);
+
+        let sub = t.join("vol/sub");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &sub,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _unmount = Unmount(sub.clone());
+        fs::write(sub.join("new"), "new").unwrap();
+        let changed: Vec<String> = vols
+            .changes()
+            .unwrap()
+            .iter()
+            .map(|i| match i {
+                Item::Remove { rel } => format!("-{rel}"),
+                i => i.rel().to_owned(),
+            })
+            .collect();
+        assert_eq!(changed, ["-c1/m1/sub/old", "c1/m1/sub", "c1/m1/sub/new"]);
+        assert_eq!(vols.changes().unwrap(), []);
+        let _ = fs::remove_dir_all(&t);
+    }
+
     #[test]
     fn binds_are_rewritten_and_listed_and_shm_becomes_the_guests() {
         let t = std::env::temp_dir().join(format!("moat-vol-{}", std::process::id()));
@@ -624,7 +822,7 @@ mod tests {
         let mut spec = json!({"mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/etc/hosts", "type": "bind", "source": t.join("hosts"), "options": ["rbind", "ro"]},
-            {"destination": "/cfg", "type": "none", "source": t.join("cfg"), "options": ["bind"]},
+            {"destination": "/cfg", "type": "none", "source": t.join("cfg"), "options": ["bind", "ro"]},
             {"destination": "/dev/shm", "type": "bind", "source": "/nonexistent/shm", "options": ["rbind"]}
         ]});
         let (mut vols, items) = plan(&mut spec, "c1").unwrap();
@@ -716,7 +914,7 @@ mod tests {
         }
         std::os::unix::fs::symlink("a", t.join("src")).unwrap();
         let mut spec = json!({"mounts": [
-            {"destination": "/v", "type": "bind", "source": t.join("src")}
+            {"destination": "/v", "type": "bind", "source": t.join("src"), "options": ["ro"]}
         ]});
         let (mut vols, items) = plan(&mut spec, "c1").unwrap();
         assert_eq!(files(&items), ["c1/m0/x"]);
@@ -738,7 +936,7 @@ mod tests {
         fs::create_dir_all(t.join("secret")).unwrap();
         fs::write(t.join("secret/a"), "SECRET").unwrap();
         let mut spec = json!({"mounts": [
-            {"destination": "/v", "type": "bind", "source": t.join("cfg")}
+            {"destination": "/v", "type": "bind", "source": t.join("cfg"), "options": ["ro"]}
         ]});
         let (_, items) = plan(&mut spec, "c1").unwrap();
         assert_eq!(files(&items), ["c1/m0/b", "c1/m0/sub/a"]);
@@ -762,7 +960,7 @@ mod tests {
         fs::create_dir_all(t.join("cfg")).unwrap();
         fs::write(t.join("cfg/f"), "F").unwrap();
         let mut spec = json!({"mounts": [
-            {"destination": "/v", "type": "bind", "source": t.join("cfg")}
+            {"destination": "/v", "type": "bind", "source": t.join("cfg"), "options": ["ro"]}
         ]});
         let (mut vols, items) = plan(&mut spec, "c1").unwrap();
         let f = items.into_iter().nth(1).unwrap();

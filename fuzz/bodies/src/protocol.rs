@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 
 use moat_protocol::agent;
 use moat_protocol::protobuf::Message;
-use moat_protocol::stream::{encode_forward, Request};
+use moat_protocol::stream::{encode_forward, encode_share, Request};
 use moat_protocol::{StreamHeader, StreamKind};
 
 use crate::Input;
@@ -20,10 +20,18 @@ pub fn stream_header(data: &[u8]) {
             let again = StreamHeader::read_from(&mut &bytes[..]).expect("an encoded header parses");
             assert_eq!(header, again);
         }
-        Ok(Request::Forward { port }) => {
+        Ok(request @ Request::Forward { port }) => {
             let bytes = encode_forward(port);
             let again = Request::read_from(&mut &bytes[..]).expect("an encoded request parses");
-            assert_eq!(again, Request::Forward { port });
+            assert_eq!(again, request);
+        }
+        Ok(request @ Request::Share { .. }) => {
+            let Request::Share { tag } = &request else {
+                unreachable!()
+            };
+            let bytes = encode_share(tag).expect("a parsed tag encodes");
+            let again = Request::read_from(&mut &bytes[..]).expect("an encoded request parses");
+            assert_eq!(again, request);
         }
         Err(_) => {}
     }

@@ -1,6 +1,7 @@
 //! The container layer: a create request checked and planned before
 //! anything is touched, the host resources of a container (rootfs files,
-//! work directory, block slots) released by `Drop`, and the container.
+//! work directory, block slots, share servers) released by `Drop`, and the
+//! container.
 
 use std::collections::HashMap;
 use std::fs;
@@ -20,6 +21,7 @@ use crate::process::Process;
 use crate::rootfs::{self, Disk, LayerCache, MountSpec, Prepared, RootfsPlan, UpperSpec};
 use crate::sandbox::cgroup::{self, HostCgroupPlan};
 use crate::sandbox::{sandbox_dir, upper_dir, upper_image};
+use crate::share::{Share, ShareServer};
 use crate::stdio::StdioSpec;
 use crate::volumes;
 
@@ -177,6 +179,8 @@ pub struct Resources {
     work_dir: PathBuf,
     rootfs: Option<Prepared>,
     slots: Option<(Arc<dyn PodVm>, Vec<String>)>,
+    /// The servers of its shared directories.
+    shares: Vec<ShareServer>,
 }
 
 impl Resources {
@@ -185,7 +189,28 @@ impl Resources {
             work_dir,
             rootfs: None,
             slots: None,
+            shares: Vec::new(),
         }
+    }
+
+    /// Has the guest mount each of `shares` and starts their servers.
+    pub fn start_shares(&mut self, vm: &Arc<dyn PodVm>, shares: &[Share]) -> PodResult<()> {
+        for s in shares {
+            let failed = |e: String| {
+                PodError::Internal(format!("sharing {} with the VM: {e}", s.dir.display()))
+            };
+            let (connector, port) = vm
+                .agent()
+                .connector()
+                .ok_or_else(|| failed("no connection to the agent's ports".into()))?;
+            let conn = moat_protocol::open_share(&connector, port, &s.tag)
+                .map_err(|e| failed(e.to_string()))?;
+            // The running shim binary, even if its file was replaced since.
+            let server = ShareServer::spawn(Path::new("/proc/self/exe"), s, conn)
+                .map_err(|e| failed(e.to_string()))?;
+            self.shares.push(server);
+        }
+        Ok(())
     }
 
     /// Builds the rootfs images.

@@ -169,7 +169,7 @@ impl Pod {
         let reservation = self.reserve(&plan)?;
         let mut res = Resources::new(plan.work_dir.clone());
         let vm = self.vm_with(&plan, &mut res)?;
-        volumes_then_create(self, &vm, &plan, &res)?;
+        volumes_then_create(self, &vm, &plan, &mut res)?;
         let c = Arc::new(Container::new(&plan, res));
         if !plan.volumes.is_empty() {
             guest::spawn_volume_sync(self, &c, plan.volumes, vm);
@@ -218,13 +218,15 @@ impl Pod {
     }
 }
 
-/// Copies the container's volumes into the guest, then creates it there.
+/// Shares and copies the container's volumes into the guest, then
+/// creates it there.
 fn volumes_then_create(
     pod: &Pod,
     vm: &Arc<dyn PodVm>,
     plan: &CreatePlan,
-    res: &Resources,
+    res: &mut Resources,
 ) -> PodResult<()> {
+    res.start_shares(vm, &plan.volumes.shares)?;
     let timeout = pod.cfg.agent_timeout();
     crate::volumes::copy(vm.agent(), &plan.copies, timeout)
         .map_err(|e| PodError::Internal(e.to_string()))?;

@@ -1,0 +1,96 @@
+//! Read-write host directories shared live with the guest: hostPath and
+//! PVC volumes, `ctr run --mount` read-write binds. The guest mounts a
+//! FUSE filesystem (`guest-agent/src/share.rs`) whose requests come over
+//! vsock to one `fs-serve` child of the shim per share ([`server`]). What
+//! the container writes lands in the host directory at once, and what the
+//! host writes there is what the container reads.
+//!
+//! The child is the shim's own binary: it enters mount and network
+//! namespaces of its own and makes the shared directory its root, so a
+//! hostile guest's requests can name nothing outside it.
+
+pub mod server;
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+
+/// The shim's first argument that makes it a share server.
+pub const SUBCOMMAND: &str = "fs-serve";
+/// The descriptor the server finds its guest connection on.
+pub const CONNECTION_FD: i32 = 3;
+
+/// A host directory to share, from a container's spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    /// The guest mount's name (`GUEST_SHARES_DIR/<tag>`).
+    pub tag: String,
+    /// The directory, resolved when the container was created.
+    pub dir: PathBuf,
+}
+
+/// One running share server; dropping it stops it (the guest's mount then
+/// fails its users with ENOTCONN).
+pub struct ShareServer {
+    tag: String,
+    child: Mutex<Child>,
+}
+
+impl ShareServer {
+    /// Serves `share` on `conn`, the guest connection the agent answered
+    /// for it, in a child of the shim binary `exe`.
+    pub fn spawn(exe: &Path, share: &Share, conn: UnixStream) -> io::Result<ShareServer> {
+        let fd = conn.as_raw_fd();
+        let mut cmd = Command::new(exe);
+        cmd.arg(SUBCOMMAND)
+            .arg(&share.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        // SAFETY: between fork and exec only async-signal-safe calls: dup2
+        // (which clears close-on-exec on the copy) and prctl.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, CONNECTION_FD) < 0
+                    || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(conn);
+        log::info!(
+            "share {}: {} served by pid {}",
+            share.tag,
+            share.dir.display(),
+            child.id()
+        );
+        Ok(ShareServer {
+            tag: share.tag.clone(),
+            child: Mutex::new(child),
+        })
+    }
+}
+
+impl ShareServer {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap_or_else(|e| e.into_inner()).id()
+    }
+}
+
+impl Drop for ShareServer {
+    fn drop(&mut self) {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = child.kill();
+        match child.wait() {
+            Ok(s) => log::debug!("share {}: server ended: {s}", self.tag),
+            Err(e) => log::warn!("share {}: reaping its server: {e}", self.tag),
+        }
+    }
+}
