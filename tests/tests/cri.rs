@@ -14,21 +14,29 @@
 //!   listens on in the pod's loopback (on moat in the guest);
 //! - an image of 32 layers, whiteouts and an opaque directory among them,
 //!   in the same pod (on moat one disk); an emptyDir shared live by two
-//!   containers; a read-only configMap volume and its atomic update;
+//!   containers; a read-write hostPath volume written from both sides;
+//!   read-only configMap, secret and projected volumes (their
+//!   modes kept) and the configMap's atomic update;
 //! - security contexts: runAsUser, runAsGroup, supplemental groups,
-//!   capabilities, readOnlyRootFilesystem, no_new_privs;
+//!   capabilities, readOnlyRootFilesystem, no_new_privs; seccomp
+//!   RuntimeDefault, Unconfined and a Localhost profile; pod sysctls; a
+//!   privileged container (on moat privileged in the guest only);
 //! - CRI log files, 20000 lines of a chatty container without a loss,
 //!   ReopenContainerLog after a rotation;
 //! - StopContainer, RemoveContainer and the container re-created in the
-//!   running pod (on moat without a new VM); ContainerStats and
-//!   UpdateContainerResources; ListContainers;
+//!   running pod (on moat without a new VM); ContainerStats,
+//!   ListContainerStats, PodSandboxStats and UpdateContainerResources;
+//!   ListContainers;
 //! - StopPodSandbox and RemovePodSandbox;
 //! - a hostNetwork pod, which moat refuses, saying why;
+//! - on moat, the VM sized from the pod's resources, and an update
+//!   beyond that size refused;
 //! - after all pods, nothing left anywhere.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use containerd_shim_moat_v1::config::Config;
 use containerd_shim_moat_v1::sandbox::cgroup::hierarchies;
 use k8s_cri::v1::*;
 use moat_tests::cri::{setup_cri, Cri, LAYERED_EXTRA, LAYERED_IMAGE};
@@ -67,6 +75,20 @@ fn pod_config(handler: &str, cri: &Cri) -> PodSandboxConfig {
     PodSandboxConfig {
         linux: Some(LinuxPodSandboxConfig {
             cgroup_parent: cgroup_parent(&name),
+            sysctls: POD_SYSCTLS
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            // Allows the privileged container of `check_privileged`.
+            security_context: Some(LinuxSandboxSecurityContext {
+                privileged: true,
+                ..Default::default()
+            }),
+            // As kubelet: the sum of the containers' limits.
+            resources: Some(LinuxContainerResources {
+                memory_limit_in_bytes: POD_MEMORY_MIB << 20,
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         metadata: Some(PodSandboxMetadata {
@@ -85,6 +107,92 @@ fn pod_config(handler: &str, cri: &Cri) -> PodSandboxConfig {
         labels: HashMap::from([("app".into(), name)]),
         ..Default::default()
     }
+}
+
+/// Pod sysctls, one namespaced by the network namespace and one by IPC,
+/// both away from their defaults (1024 and 0).
+const POD_SYSCTLS: [(&str, &str); 2] = [
+    ("net.ipv4.ip_unprivileged_port_start", "80"),
+    ("kernel.shm_rmid_forced", "1"),
+];
+
+/// The memory the pod's containers ask for, which kubelet sums into the
+/// sandbox config.
+const POD_MEMORY_MIB: i64 = 128;
+/// On moat the VM is sized from the pod's resources: the guest's memory
+/// is the base plus what the containers asked for (the guest kernel keeps
+/// a few MiB of it for itself).
+fn check_vm_size(cri: &Cri, id: &str) {
+    let meminfo = exec_ok(cri, id, &["grep", "^MemTotal:", "/proc/meminfo"]);
+    let kib: i64 = meminfo
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{meminfo}"));
+    // The test's moat config keeps the default VM size as the base.
+    let vm = i64::from(Config::default().memory_mib) + POD_MEMORY_MIB;
+    assert!(
+        kib <= vm << 10 && kib > (vm - 64) << 10,
+        "guest MemTotal {kib} KiB for a VM of {vm} MiB"
+    );
+}
+
+/// Every pod sysctl reads back as set inside container `id`.
+fn check_sysctls(cri: &Cri, id: &str) {
+    for (key, value) in POD_SYSCTLS {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        assert_eq!(exec_ok(cri, id, &["cat", &path]).trim(), value, "{key}");
+    }
+}
+
+fn seccomp(profile_type: security_profile::ProfileType, localhost_ref: &str) -> SecurityProfile {
+    SecurityProfile {
+        profile_type: profile_type as i32,
+        localhost_ref: localhost_ref.into(),
+    }
+}
+
+/// Container `id` runs under RuntimeDefault (`confined`) or Unconfined:
+/// the default profile refuses unshare without CAP_SYS_ADMIN. moat's
+/// guest agent gives every workload a filter of its own (no AF_VSOCK
+/// sockets), so an unconfined container on moat still has seccomp mode 2.
+fn check_seccomp(cri: &Cri, id: &str, confined: bool, handler: &str) {
+    let mode = if confined || handler == "moat" { 2 } else { 0 };
+    check_seccomp_mode(cri, id, mode);
+    let r = cri.exec_sync(id, &["unshare", "-U", "true"]).unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    if confined {
+        assert_ne!(r.exit_code, 0, "unshare ran under RuntimeDefault");
+        assert!(err.contains("Operation not permitted"), "{err}");
+    } else {
+        assert_eq!(r.exit_code, 0, "unshare refused while unconfined: {err}");
+    }
+}
+
+/// The seccomp mode of container `id`'s processes: 0 none, 2 a filter.
+fn check_seccomp_mode(cri: &Cri, id: &str, mode: u32) {
+    let status = exec_ok(cri, id, &["grep", "^Seccomp:", "/proc/self/status"]);
+    assert_eq!(status, format!("Seccomp:\t{mode}\n"), "{id}");
+}
+
+/// A Localhost seccomp profile on the host that allows everything but
+/// mkdir, which fails with EPERM; its path.
+fn no_mkdir_profile(cri: &Cri) -> String {
+    let path = cri.containerd.dir.join("seccomp-no-mkdir.json");
+    let profile = r#"{"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO"}]}"#;
+    std::fs::write(&path, profile).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// Container `id` runs under [`no_mkdir_profile`].
+fn check_no_mkdir(cri: &Cri, id: &str) {
+    check_seccomp_mode(cri, id, 2);
+    let r = cri.exec_sync(id, &["mkdir", "/tmp/denied"]).unwrap();
+    assert_ne!(r.exit_code, 0);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("Operation not permitted"), "{err}");
+    exec_ok(cri, id, &["touch", "/tmp/allowed"]);
 }
 
 fn container_config(name: &str, attempt: u32, cmd: &[&str]) -> ContainerConfig {
@@ -174,8 +282,22 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     let empty_dir = empty_dir(cri, &pc, "shared");
     let mut app = container_config("app", 0, APP);
     app.mounts.push(empty_dir.clone());
+    let host_path = HostPath::new(cri, handler);
+    app.mounts.push(host_path.mount());
+    app.linux = Some(LinuxContainerConfig {
+        security_context: Some(LinuxContainerSecurityContext {
+            seccomp: Some(seccomp(security_profile::ProfileType::RuntimeDefault, "")),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     let app = create_and_start(cri, &pod, &pc, app);
     elapsed(t, &format!("{handler}: app running"));
+    check_seccomp(cri, &app, true, handler);
+    check_sysctls(cri, &app);
+    if handler == "moat" {
+        check_vm_size(cri, &app);
+    }
     assert_eq!(
         exec_ok(cri, &app, &["hostname"]).trim(),
         format!("pod-{handler}")
@@ -199,21 +321,34 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     );
     elapsed(t, &format!("{handler}: execs checked"));
     check_port_forward(cri, &pod, &app, handler);
+    host_path.check(cri, &app);
 
     // A second container, of an image of 32 layers (more than a VM has
     // block slots), shares the pod's network and hostname.
     let mut layered = image_container_config(LAYERED_IMAGE, "side", 0, APP);
-    layered.linux = Some(root_with_one_capability());
+    let mut linux = root_with_one_capability();
+    if let Some(sc) = linux.security_context.as_mut() {
+        sc.seccomp = Some(seccomp(security_profile::ProfileType::Unconfined, ""));
+    }
+    layered.linux = Some(linux);
     layered.mounts.push(empty_dir);
-    let config_map = ConfigMap::new(cri, &pc, "cfg");
-    layered.mounts.push(config_map.mount());
+    let config_map = AtomicVolume::new(cri, &pc, "kubernetes.io~configmap", "/etc/cfg", 0o644);
+    let secret = AtomicVolume::new(cri, &pc, "kubernetes.io~secret", "/etc/secret", 0o400);
+    let projected = AtomicVolume::new(cri, &pc, "kubernetes.io~projected", "/var/run/token", 0o600);
+    for v in [&config_map, &secret, &projected] {
+        layered.mounts.push(v.mount());
+    }
     let side = create_and_start(cri, &pod, &pc, layered);
     config_map.check_update(cri, &side);
+    secret.check(cri, &side);
+    projected.check(cri, &side);
     // The emptyDir is shared live: app, created first, sees side's file.
     exec_ok(cri, &side, &["sh", "-c", "echo from side > /shared/f"]);
     assert_eq!(exec_ok(cri, &app, &["cat", "/shared/f"]), "from side\n");
     check_layers(cri, &side);
     check_root_with_one_capability(cri, &side);
+    check_seccomp(cri, &side, false, handler);
+    check_privileged(cri, &pod, &pc, handler);
     check_streaming(cri, &pod, &pc, &side);
     elapsed(t, &format!("{handler}: second container, streams checked"));
     let side_addrs = exec_ok(cri, &side, &["ip", "-4", "addr"]);
@@ -234,7 +369,12 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     check_log(cri, &pc, "app/0.log", "got TERM");
     cri.remove_container(&app).unwrap();
     let mut unprivileged = container_config("app", 1, APP);
-    unprivileged.linux = Some(unprivileged_user());
+    let mut linux = unprivileged_user();
+    if let Some(sc) = linux.security_context.as_mut() {
+        let profile = no_mkdir_profile(cri);
+        sc.seccomp = Some(seccomp(security_profile::ProfileType::Localhost, &profile));
+    }
+    unprivileged.linux = Some(linux);
     let app1 = create_and_start(cri, &pod, &pc, unprivileged);
     assert_eq!(
         vmm_pids(&cri.containerd.dir.to_string_lossy()),
@@ -243,7 +383,12 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     );
     check_log(cri, &pc, "app/1.log", "app started");
     check_unprivileged_user(cri, &app1);
+    check_no_mkdir(cri, &app1);
     check_stats_and_update(cri, &app1);
+    if handler == "moat" {
+        check_update_beyond_vm(cri, &app1);
+    }
+    check_pod_stats(cri, &pod, &[&app1, &side]);
     let ids: Vec<String> = cri
         .list_containers(&pod)
         .unwrap()
@@ -335,6 +480,8 @@ fn host_network_pod(cri: &Cri, handler: &str) {
     pc.hostname.clear();
     let linux = pc.linux.get_or_insert_with(Default::default);
     linux.cgroup_parent = cgroup_parent(&name);
+    // Network sysctls are the node's own in its namespace: refused.
+    linux.sysctls.clear();
     linux.security_context = Some(LinuxSandboxSecurityContext {
         namespace_options: Some(NamespaceOption {
             network: NamespaceMode::Node as i32,
@@ -404,6 +551,57 @@ fn kubelet_volume(
     dir
 }
 
+/// A read-write hostPath volume: what the container writes there is on
+/// the host at once, and what the host writes the container reads (on
+/// moat through the pod's share of the directory).
+struct HostPath {
+    dir: std::path::PathBuf,
+}
+
+impl HostPath {
+    fn new(cri: &Cri, handler: &str) -> HostPath {
+        let dir = cri.containerd.dir.join(format!("host-path-{handler}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("before"), "written before the pod\n").unwrap();
+        HostPath { dir }
+    }
+
+    fn mount(&self) -> Mount {
+        Mount {
+            container_path: "/host".into(),
+            host_path: self.dir.to_string_lossy().into_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn check(&self, cri: &Cri, id: &str) {
+        assert_eq!(
+            exec_ok(cri, id, &["cat", "/host/before"]),
+            "written before the pod\n"
+        );
+        let write = "mkdir /host/made && echo from the pod > /host/made/file \
+                     && mv /host/made/file /host/made/moved && rm /host/before";
+        exec_ok(cri, id, &["sh", "-c", write]);
+        let moved = std::fs::read_to_string(self.dir.join("made/moved")).unwrap();
+        assert_eq!(moved, "from the pod\n");
+        assert!(!self.dir.join("before").exists());
+        std::fs::write(self.dir.join("after"), "written while it runs\n").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = cri.exec_sync(id, &["cat", "/host/after"]).unwrap();
+            if r.exit_code == 0 {
+                assert_eq!(
+                    String::from_utf8_lossy(&r.stdout),
+                    "written while it runs\n"
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "the host's write never arrived");
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
 /// An emptyDir volume `name` of the pod, where kubelet keeps one (the
 /// directory made, as kubelet does, mode 0777).
 fn empty_dir(cri: &Cri, pc: &PodSandboxConfig, name: &str) -> Mount {
@@ -416,28 +614,44 @@ fn empty_dir(cri: &Cri, pc: &PodSandboxConfig, name: &str) -> Mount {
     }
 }
 
-/// A configMap volume as kubelet's atomic writer keeps it: the data in a
-/// timestamped directory, `..data` a symlink to it, each key a symlink
-/// through `..data`; an update writes a new directory and swaps `..data`
-/// with a rename.
-struct ConfigMap {
+/// A configMap, secret or projected volume as kubelet's atomic writer
+/// keeps it: the data in a timestamped directory, `..data` a symlink to
+/// it, each key a symlink through `..data`; an update writes a new
+/// directory and swaps `..data` with a rename.
+struct AtomicVolume {
     dir: std::path::PathBuf,
+    /// Where the container sees it.
+    path: &'static str,
+    /// The key file's mode (kubelet's defaultMode).
+    mode: u32,
 }
 
-impl ConfigMap {
-    fn new(cri: &Cri, pc: &PodSandboxConfig, name: &str) -> ConfigMap {
-        let cm = ConfigMap {
-            dir: kubelet_volume(cri, pc, "kubernetes.io~configmap", name),
+impl AtomicVolume {
+    fn new(
+        cri: &Cri,
+        pc: &PodSandboxConfig,
+        plugin: &str,
+        path: &'static str,
+        mode: u32,
+    ) -> AtomicVolume {
+        let name = path.rsplit('/').next().unwrap();
+        let v = AtomicVolume {
+            dir: kubelet_volume(cri, pc, plugin, name),
+            path,
+            mode,
         };
-        cm.write("..2026_12_05_1", "v1");
-        std::os::unix::fs::symlink("..data/key", cm.dir.join("key")).unwrap();
-        cm
+        v.write("..2026_12_05_1", "v1");
+        std::os::unix::fs::symlink("..data/key", v.dir.join("key")).unwrap();
+        v
     }
 
     /// Writes `value` into a new data directory and swaps `..data` to it.
     fn write(&self, data_dir: &str, value: &str) {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir(self.dir.join(data_dir)).unwrap();
-        std::fs::write(self.dir.join(data_dir).join("key"), value).unwrap();
+        let key = self.dir.join(data_dir).join("key");
+        std::fs::write(&key, value).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(self.mode)).unwrap();
         let tmp = self.dir.join("..data_tmp");
         std::os::unix::fs::symlink(data_dir, &tmp).unwrap();
         std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
@@ -445,25 +659,34 @@ impl ConfigMap {
 
     fn mount(&self) -> Mount {
         Mount {
-            container_path: "/etc/cfg".into(),
+            container_path: self.path.into(),
             host_path: self.dir.to_string_lossy().into_owned(),
             readonly: true,
             ..Default::default()
         }
     }
 
-    /// The container reads the key, cannot write it, and sees an update.
-    fn check_update(&self, cri: &Cri, id: &str) {
-        assert_eq!(exec_ok(cri, id, &["cat", "/etc/cfg/key"]), "v1");
+    /// The container reads the key, with its mode, and cannot write it.
+    fn check(&self, cri: &Cri, id: &str) {
+        let key = format!("{}/key", self.path);
+        assert_eq!(exec_ok(cri, id, &["cat", &key]), "v1");
+        let mode = exec_ok(cri, id, &["stat", "-L", "-c", "%a", &key]);
+        assert_eq!(mode.trim(), format!("{:o}", self.mode), "{key}");
         let r = cri
-            .exec_sync(id, &["sh", "-c", "echo x > /etc/cfg/key"])
+            .exec_sync(id, &["sh", "-c", &format!("echo x > {key}")])
             .unwrap();
-        assert_ne!(r.exit_code, 0, "a read-only configMap was written");
+        assert_ne!(r.exit_code, 0, "read-only {key} was written");
+    }
+
+    /// [`AtomicVolume::check`], then an update reaches the container.
+    fn check_update(&self, cri: &Cri, id: &str) {
+        self.check(cri, id);
+        let key = format!("{}/key", self.path);
         self.write("..2026_12_05_2", "v2");
         std::fs::remove_dir_all(self.dir.join("..2026_12_05_1")).unwrap();
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let now = exec_ok(cri, id, &["cat", "/etc/cfg/key"]);
+            let now = exec_ok(cri, id, &["cat", &key]);
             if now == "v2" {
                 break;
             }
@@ -527,16 +750,7 @@ fn check_unprivileged_user(cri: &Cri, id: &str) {
 /// reaches its cgroup (in the guest, on moat).
 fn check_stats_and_update(cri: &Cri, id: &str) {
     let stats = cri.container_stats(id).unwrap();
-    let memory = stats
-        .memory
-        .and_then(|m| m.working_set_bytes)
-        .map(|v| v.value);
-    assert!(memory.is_some_and(|b| b > 0), "working set {memory:?}");
-    let cpu = stats
-        .cpu
-        .and_then(|c| c.usage_core_nano_seconds)
-        .map(|v| v.value);
-    assert!(cpu.is_some_and(|n| n > 0), "cpu usage {cpu:?}");
+    assert_usage(id, stats.cpu, stats.memory);
     let limit: i64 = 100 << 20;
     let resources = LinuxContainerResources {
         memory_limit_in_bytes: limit,
@@ -551,6 +765,73 @@ fn check_stats_and_update(cri: &Cri, id: &str) {
                   echo $(cat cpu/cpu.cfs_quota_us cpu/cpu.cfs_period_us); fi";
     let out = exec_ok(cri, id, &["sh", "-c", script]);
     assert_eq!(out, format!("{limit}\n50000 100000\n"));
+}
+
+/// On moat a memory limit beyond the VM's size is refused: the VM cannot
+/// grow (on runc the host's memory is the bound).
+fn check_update_beyond_vm(cri: &Cri, id: &str) {
+    let resources = LinuxContainerResources {
+        memory_limit_in_bytes: 64 << 30,
+        ..Default::default()
+    };
+    let e = cri.update_resources(id, resources).unwrap_err();
+    assert!(e.message().contains("which cannot grow"), "{e}");
+}
+
+/// A privileged container has every capability containerd has and may
+/// mount; on moat
+/// that is inside the guest, whose kernel it sees, never the host's.
+fn check_privileged(cri: &Cri, pod: &str, pc: &PodSandboxConfig, handler: &str) {
+    let mut priv_cc = container_config("priv", 0, APP);
+    priv_cc.linux = Some(LinuxContainerConfig {
+        security_context: Some(LinuxContainerSecurityContext {
+            privileged: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let id = create_and_start(cri, pod, pc, priv_cc);
+    // Every capability containerd holds (this test's own, as root).
+    let ours = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ours = ours.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+    let caps = exec_ok(cri, &id, &["grep", "^CapEff:", "/proc/self/status"]);
+    assert_eq!(caps.trim_end(), ours);
+    let mounted = "mkdir -p /tmp/m && mount -t tmpfs scratch /tmp/m \
+                   && grep -c ' /tmp/m tmpfs' /proc/mounts";
+    assert_eq!(exec_ok(cri, &id, &["sh", "-c", mounted]), "1\n");
+    let kernel = exec_ok(cri, &id, &["uname", "-r"]);
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(kernel == host, handler == "runc", "{handler}: {kernel}");
+    cri.stop_container(&id, 0).unwrap();
+    cri.remove_container(&id).unwrap();
+}
+
+/// Some CPU time used and a working set above zero.
+fn assert_usage(what: &str, cpu: Option<CpuUsage>, memory: Option<MemoryUsage>) {
+    let memory = memory.and_then(|m| m.working_set_bytes).map(|v| v.value);
+    assert!(
+        memory.is_some_and(|b| b > 0),
+        "{what}: working set {memory:?}"
+    );
+    let cpu = cpu.and_then(|c| c.usage_core_nano_seconds).map(|v| v.value);
+    assert!(cpu.is_some_and(|n| n > 0), "{what}: cpu usage {cpu:?}");
+}
+
+/// PodSandboxStats (the pod's host cgroup: on moat the VM's use) and
+/// ListContainerStats (each container's, from the guest on moat) cover
+/// every container of the pod.
+fn check_pod_stats(cri: &Cri, pod: &str, containers: &[&str]) {
+    let stats = cri.pod_stats(pod).unwrap();
+    let linux = stats.linux.unwrap_or_default();
+    assert_usage(pod, linux.cpu, linux.memory);
+    let listed = cri.list_container_stats(pod).unwrap();
+    for id in containers {
+        let one = listed
+            .iter()
+            .find(|s| s.attributes.as_ref().is_some_and(|a| a.id == *id))
+            .unwrap_or_else(|| panic!("ListContainerStats lacks {id}: {listed:?}"));
+        assert_usage(id, one.cpu, one.memory);
+    }
 }
 
 /// A container that writes 20000 lines at once: every line reaches its

@@ -348,6 +348,28 @@ impl Cri {
             .ok_or_else(|| tonic::Status::internal("ContainerStats without stats"))
     }
 
+    /// ListContainerStats of the containers of pod `pod`.
+    pub fn list_container_stats(&self, pod: &str) -> CriResult<Vec<ContainerStats>> {
+        let req = ListContainerStatsRequest {
+            filter: Some(ContainerStatsFilter {
+                pod_sandbox_id: pod.into(),
+                ..Default::default()
+            }),
+        };
+        self.rpc(|mut c| async move { c.list_container_stats(req).await })
+            .map(|r| r.stats)
+    }
+
+    /// PodSandboxStats of pod `id`.
+    pub fn pod_stats(&self, id: &str) -> CriResult<PodSandboxStats> {
+        let req = PodSandboxStatsRequest {
+            pod_sandbox_id: id.into(),
+        };
+        self.rpc(|mut c| async move { c.pod_sandbox_stats(req).await })?
+            .stats
+            .ok_or_else(|| tonic::Status::internal("PodSandboxStats without stats"))
+    }
+
     /// ReopenContainerLog of container `id`.
     pub fn reopen_log(&self, id: &str) -> CriResult<()> {
         let req = ReopenContainerLogRequest {
