@@ -71,6 +71,11 @@ fn a_share_reads_and_writes_the_host_directory_from_a_jail() {
     assert!(dir.join("made/moved").is_file());
     fs::remove_file(mnt.join("sub/hello")).unwrap();
     assert!(!dir.join("sub/hello").exists());
+    // A large write and read back (1 MiB requests, the INIT answer amended).
+    let big: Vec<u8> = (0..(3 << 20) + 17).map(|i| (i % 251) as u8).collect();
+    fs::write(mnt.join("big"), &big).unwrap();
+    assert_eq!(fs::read(dir.join("big")).unwrap(), big);
+    assert_eq!(fs::read(mnt.join("big")).unwrap(), big);
     fs::write(dir.join("later"), "written on the host").unwrap();
     assert_eq!(
         fs::read_to_string(mnt.join("later")).unwrap(),

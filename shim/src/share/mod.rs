@@ -50,13 +50,15 @@ impl ShareServer {
             .arg(&share.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        // SAFETY: between fork and exec only async-signal-safe calls: dup2
-        // (which clears close-on-exec on the copy) and prctl.
+        // No PR_SET_PDEATHSIG: it follows the thread that forked (a ttrpc
+        // worker that may end long before the container), not the shim.
+        // The server ends with its connection, which closes when the
+        // container is deleted or the VM is gone.
+        // SAFETY: between fork and exec only dup2 (async-signal-safe),
+        // which clears close-on-exec on the copy.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(fd, CONNECTION_FD) < 0
-                    || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0
-                {
+                if libc::dup2(fd, CONNECTION_FD) < 0 {
                     return Err(io::Error::last_os_error());
                 }
                 Ok(())

@@ -8,7 +8,7 @@
 //! whatever names the guest sends. [`serve`] is the request loop.
 
 use std::ffi::OsString;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -113,12 +113,118 @@ pub fn serve(mut conn: UnixStream, fs: PassthroughFs) -> io::Result<()> {
             ));
         }
         conn.read_exact(&mut request[LEN_FIELD..len])?;
-        let reader = Reader::<()>::from_fuse_buffer(FuseBuf::new(&mut request[..len]))
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        let writer = FuseDevWriter::<()>::new(conn.as_raw_fd(), &mut reply)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        if let Err(e) = server.handle_message(reader, Writer::FuseDev(writer), None, None) {
-            log::debug!("fs-serve: {e:?}");
+        let init = field_u32(&request, IN_OPCODE) == FUSE_INIT;
+        let offered = field_u32(&request, IN_INIT_FLAGS);
+        if !init {
+            answer(&server, &mut request[..len], conn.as_raw_fd(), &mut reply)?;
+            continue;
         }
+        // The INIT answer goes through a socket pair to be amended.
+        let (out, mut back) = UnixStream::pair()?;
+        answer(&server, &mut request[..len], out.as_raw_fd(), &mut reply)?;
+        out.shutdown(std::net::Shutdown::Write)?;
+        let mut answered = Vec::new();
+        back.read_to_end(&mut answered)?;
+        amend_init(&mut answered, offered);
+        conn.write_all(&answered)?;
+    }
+}
+
+/// Has the passthrough filesystem answer one request, writing to `fd`.
+fn answer(
+    server: &Server<PassthroughFs>,
+    request: &mut [u8],
+    fd: i32,
+    reply: &mut [u8],
+) -> io::Result<()> {
+    let invalid = |e: String| io::Error::new(io::ErrorKind::InvalidData, e);
+    let reader = Reader::<()>::from_fuse_buffer(FuseBuf::new(request))
+        .map_err(|e| invalid(e.to_string()))?;
+    let writer = FuseDevWriter::<()>::new(fd, reply).map_err(|e| invalid(e.to_string()))?;
+    if let Err(e) = server.handle_message(reader, Writer::FuseDev(writer), None, None) {
+        log::debug!("fs-serve: {e:?}");
+    }
+    Ok(())
+}
+
+/// `fuse_in_header.opcode`, and `fuse_init_in.flags` after the header.
+const IN_OPCODE: usize = 4;
+const IN_INIT_FLAGS: usize = IN_HEADER + 12;
+/// `fuse_init_out` after the 16-byte `fuse_out_header`: flags, max_write
+/// and max_pages.
+const OUT_ERROR: usize = 4;
+const OUT_INIT_FLAGS: usize = 16 + 12;
+const OUT_MAX_WRITE: usize = 16 + 20;
+const OUT_MAX_PAGES: usize = 16 + 28;
+const FUSE_INIT: u32 = 26;
+const FUSE_BIG_WRITES: u32 = 1 << 5;
+const FUSE_MAX_PAGES: u32 = 1 << 22;
+/// 1 MiB writes: 256 pages, what the request buffers hold.
+const MAX_PAGES: u16 = 256;
+
+fn field_u32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .map_or(0, |f| u32::from_ne_bytes([f[0], f[1], f[2], f[3]]))
+}
+
+/// The passthrough filesystem does not ask for big writes, so the guest
+/// would send 4 KiB at a time (a round trip through the guest kernel and
+/// vsock each): its INIT answer is amended to take 1 MiB writes where
+/// the guest kernel offers them.
+fn amend_init(answer: &mut [u8], offered: u32) {
+    if answer.len() < OUT_MAX_PAGES + 2 || field_u32(answer, OUT_ERROR) != 0 {
+        return;
+    }
+    let mut flags = field_u32(answer, OUT_INIT_FLAGS);
+    flags |= offered & (FUSE_BIG_WRITES | FUSE_MAX_PAGES);
+    answer[OUT_INIT_FLAGS..OUT_INIT_FLAGS + 4].copy_from_slice(&flags.to_ne_bytes());
+    if flags & FUSE_BIG_WRITES != 0 {
+        let max_write = u32::from(MAX_PAGES) * 4096;
+        answer[OUT_MAX_WRITE..OUT_MAX_WRITE + 4].copy_from_slice(&max_write.to_ne_bytes());
+    }
+    if flags & FUSE_MAX_PAGES != 0 {
+        answer[OUT_MAX_PAGES..OUT_MAX_PAGES + 2].copy_from_slice(&MAX_PAGES.to_ne_bytes());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn init_answer(error: i32, flags: u32) -> Vec<u8> {
+        let mut a = vec![0u8; 16 + 64];
+        let len = a.len() as u32;
+        a[..4].copy_from_slice(&len.to_ne_bytes());
+        a[OUT_ERROR..OUT_ERROR + 4].copy_from_slice(&error.to_ne_bytes());
+        a[OUT_INIT_FLAGS..OUT_INIT_FLAGS + 4].copy_from_slice(&flags.to_ne_bytes());
+        a[OUT_MAX_WRITE..OUT_MAX_WRITE + 4].copy_from_slice(&4096u32.to_ne_bytes());
+        a
+    }
+
+    /// Big writes are taken where the kernel offers them, and only then;
+    /// an error answer stays as it is.
+    #[test]
+    fn init_answers_take_big_writes_the_kernel_offers() {
+        let mut a = init_answer(0, 0x1);
+        amend_init(&mut a, FUSE_BIG_WRITES | FUSE_MAX_PAGES | 0x8);
+        assert_eq!(
+            field_u32(&a, OUT_INIT_FLAGS),
+            0x1 | FUSE_BIG_WRITES | FUSE_MAX_PAGES
+        );
+        assert_eq!(field_u32(&a, OUT_MAX_WRITE), 1 << 20);
+        assert_eq!(
+            u16::from_ne_bytes([a[OUT_MAX_PAGES], a[OUT_MAX_PAGES + 1]]),
+            256
+        );
+
+        let mut a = init_answer(0, 0x1);
+        amend_init(&mut a, 0);
+        assert_eq!(field_u32(&a, OUT_INIT_FLAGS), 0x1);
+        assert_eq!(field_u32(&a, OUT_MAX_WRITE), 4096);
+
+        let mut failed = init_answer(-libc::EPROTO, 0);
+        let before = failed.clone();
+        amend_init(&mut failed, FUSE_BIG_WRITES);
+        assert_eq!(failed, before);
     }
 }
