@@ -80,8 +80,9 @@ fn elapsed(start: Instant, what: &str) {
 /// A container without a pod: `ctr run --rm` boots a VM of its own (whose
 /// boot time the shim logs from moat-vmm's boot timer), sees a
 /// host directory bind-mounted read-only, and a file changed and one deleted
-/// there on the host, relays stdout and stderr apart and exits with the
-/// container's code; the VM, the shim and every file are gone afterwards.
+/// there on the host, writes into a read-write one (shared, not copied:
+/// the write is on the host), relays stdout and stderr apart and exits with
+/// the container's code; the VM, the shim and every file are gone afterwards.
 #[test]
 fn plain_container_runs_in_its_own_vm() {
     let Some(c) = setup("e2e-run") else { return };
@@ -94,9 +95,16 @@ fn plain_container_runs_in_its_own_vm() {
     std::fs::write(vol.join("sub/hello.txt"), "from the host\n").unwrap();
     std::fs::write(vol.join("sub/gone.txt"), "deleted on the host later\n").unwrap();
     let mount = format!("type=bind,src={},dst=/data,options=rbind:ro", vol.display());
+    let shared = c.dir.join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("in"), "shared in\n").unwrap();
+    let rw = format!(
+        "type=bind,src={},dst=/rw,options=rbind:rw",
+        shared.display()
+    );
     let run = run_in_thread(
         &c,
-        &["--rm", "--mount", &mount],
+        &["--rm", "--mount", &mount, "--mount", &rw],
         "fail",
         &[
             "sh",
@@ -105,7 +113,8 @@ fn plain_container_runs_in_its_own_vm() {
              i=0; while [ $i -lt 120 ] && ! grep -q v2 /data/sub/hello.txt; do sleep 1; i=$((i+1)); done; \
              cat /data/sub/hello.txt; \
              i=0; while [ $i -lt 120 ] && [ -e /data/sub/gone.txt ]; do sleep 1; i=$((i+1)); done; \
-             [ -e /data/sub/gone.txt ] || echo gone; echo err >&2; exit 1",
+             [ -e /data/sub/gone.txt ] || echo gone; \
+             cat /rw/in; echo from the guest > /rw/out; echo err >&2; exit 1",
         ],
     );
     wait_status(&c, "fail", "RUNNING");
@@ -119,12 +128,16 @@ fn plain_container_runs_in_its_own_vm() {
     // the copy taken at create had the first version.
     let out = stdout(&o);
     assert!(
-        out == "out\nfrom the host\nread-only\nfrom the host, v2\ngone\n"
-            || out == "out\nfrom the host, v2\nread-only\nfrom the host, v2\ngone\n",
+        out == "out\nfrom the host\nread-only\nfrom the host, v2\ngone\nshared in\n"
+            || out == "out\nfrom the host, v2\nread-only\nfrom the host, v2\ngone\nshared in\n",
         "{}",
         text(&o)
     );
     assert!(stderr(&o).ends_with("err\n"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_to_string(shared.join("out")).unwrap(),
+        "from the guest\n"
+    );
     // The agent wrote moat-vmm's boot timer; the shim logged the time.
     assert!(
         c.log().contains("ms (boot timer)"),
