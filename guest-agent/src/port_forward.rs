@@ -44,7 +44,7 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::TcpListener;
 
-    use moat_protocol::stream::forward;
+    use moat_protocol::stream::{ask, Request};
 
     #[test]
     fn relays_to_a_loopback_port_and_reports_a_closed_one() {
@@ -59,13 +59,13 @@ mod tests {
         });
         let (mut host, agent) = UnixStream::pair().unwrap();
         let agent_side = std::thread::spawn(move || {
-            let req = moat_protocol::stream::Request::read_from(&mut &agent).unwrap();
-            let moat_protocol::stream::Request::Forward { port } = req else {
+            let req = Request::read_from(&mut &agent).unwrap();
+            let Request::Forward { port } = req else {
                 panic!("{req:?}")
             };
             serve(agent, port)
         });
-        forward(&mut host, port).unwrap();
+        ask(&mut host, &Request::Forward { port }).unwrap();
         host.write_all(b"ping").unwrap();
         let mut answer = [0u8; 4];
         host.read_exact(&mut answer).unwrap();
@@ -82,7 +82,7 @@ mod tests {
             .port();
         let (mut host, agent) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || serve(agent, closed));
-        let err = forward(&mut host, closed).unwrap_err();
+        let err = ask(&mut host, &Request::Forward { port: closed }).unwrap_err();
         assert!(err.to_string().contains("connect to 127.0.0.1"), "{err}");
         t.join().unwrap();
     }

@@ -19,29 +19,23 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 /// Serves one share until the host closes it.
 pub fn serve(mut host: UnixStream, tag: &str) {
-    serve_at(
-        &mut host,
-        &Path::new(moat_protocol::GUEST_SHARES_DIR).join(tag),
-    )
-}
-
-fn serve_at(host: &mut UnixStream, target: &Path) {
-    let dev = match mount_fuse(target) {
+    let target = Path::new(moat_protocol::GUEST_SHARES_DIR).join(tag);
+    let dev = match mount_fuse(&target) {
         Ok(d) => d,
         Err(e) => {
             log::warn!("share {}: {e}", target.display());
-            let _ = write_reply(host, Err(&format!("mounting {}: {e}", target.display())));
+            let _ = write_reply(
+                &mut host,
+                Err(&format!("mounting {}: {e}", target.display())),
+            );
             return;
         }
     };
-    let _unmount = Unmount(target.to_owned());
-    if write_reply(host, Ok(())).is_err() {
+    let _unmount = Unmount(target.clone());
+    if write_reply(&mut host, Ok(())).is_err() {
         return;
     }
-    let Ok(stream) = host.try_clone() else {
-        return;
-    };
-    if let Err(e) = relay::fuse(dev, stream) {
+    if let Err(e) = relay::fuse(dev, host) {
         log::warn!("share {}: {e}", target.display());
     }
 }

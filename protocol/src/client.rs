@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::agent::{VersionRequest, VersionResponse};
 use crate::agent_ttrpc;
-use crate::stream::{StreamError, StreamHeader, StreamKind};
+use crate::stream::{ask, Request, StreamError, StreamHeader, StreamKind};
 use crate::{MIN_COMPATIBLE_VERSION, PROTOCOL_VERSION, STDIO_PORT_OFFSET};
 
 /// Opens a byte stream to a guest port: hybrid vsock in production
@@ -206,7 +206,9 @@ pub fn open_forward(
     agent_port: u32,
     port: u16,
 ) -> Result<UnixStream, ClientError> {
-    on_stdio_port(connector, agent_port, |s| crate::stream::forward(s, port))
+    on_stdio_port(connector, agent_port, |s| {
+        ask(s, &Request::Forward { port })
+    })
 }
 
 /// Opens the connection that serves the guest's FUSE mount `tag`
@@ -216,7 +218,8 @@ pub fn open_share(
     agent_port: u32,
     tag: &str,
 ) -> Result<UnixStream, ClientError> {
-    on_stdio_port(connector, agent_port, |s| crate::stream::share(s, tag))
+    let share = Request::Share { tag: tag.into() };
+    on_stdio_port(connector, agent_port, |s| ask(s, &share))
 }
 
 /// A new connection to the stdio port, after `handshake` succeeded on it.

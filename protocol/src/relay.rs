@@ -121,21 +121,14 @@ fn wait_request(dev: &std::fs::File, stop: &std::fs::File) -> io::Result<bool> {
             revents: 0,
         },
     ];
-    loop {
-        // SAFETY: poll reads and writes the two pollfds we own.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
+    // SAFETY: poll reads and writes the two pollfds we own.
+    while unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
-        if fds[1].revents != 0 {
-            return Ok(false);
-        }
-        return Ok(true);
     }
+    Ok(fds[1].revents == 0)
 }
 
 fn fuse_requests(
@@ -173,21 +166,7 @@ fn fuse_requests(
 
 fn fuse_replies(mut stream: &UnixStream, mut dev: &std::fs::File) -> io::Result<()> {
     let mut buf = vec![0u8; MAX_FUSE_MESSAGE];
-    loop {
-        if let Err(e) = stream.read_exact(&mut buf[..FUSE_OUT_HEADER]) {
-            return match e.kind() {
-                io::ErrorKind::UnexpectedEof => Ok(()),
-                _ => Err(e),
-            };
-        }
-        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if !(FUSE_OUT_HEADER..=MAX_FUSE_MESSAGE).contains(&len) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("a FUSE reply of {len} bytes"),
-            ));
-        }
-        stream.read_exact(&mut buf[FUSE_OUT_HEADER..len])?;
+    while let Some(len) = read_fuse_message(&mut stream, &mut buf, FUSE_OUT_HEADER)? {
         match dev.write(&buf[..len]) {
             Ok(_) => {}
             // The request was interrupted meanwhile: the kernel drops it.
@@ -195,6 +174,32 @@ fn fuse_replies(mut stream: &UnixStream, mut dev: &std::fs::File) -> io::Result<
             Err(e) => return Err(e),
         }
     }
+    Ok(())
+}
+
+/// Reads one FUSE message from a stream into `buf`: its first field is
+/// its length, which must cover at least its `header` and fit `buf`.
+/// `None` at the end of the stream, before a message.
+pub fn read_fuse_message(
+    stream: &mut impl Read,
+    buf: &mut [u8],
+    header: usize,
+) -> io::Result<Option<usize>> {
+    if let Err(e) = stream.read_exact(&mut buf[..4]) {
+        return match e.kind() {
+            io::ErrorKind::UnexpectedEof => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if !(header..=buf.len()).contains(&len) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a FUSE message of {len} bytes"),
+        ));
+    }
+    stream.read_exact(&mut buf[4..len])?;
+    Ok(Some(len))
 }
 
 #[cfg(test)]

@@ -139,7 +139,7 @@ impl StreamHeader {
         Ok(framed(&text))
     }
 
-    /// Reads a stdio header (agent side); a port-forward request is refused.
+    /// Reads a stdio header (agent side); any other request is refused.
     pub fn read_from(r: &mut impl Read) -> Result<StreamHeader, StreamError> {
         match Request::read_from(r)? {
             Request::Stdio(h) => Ok(h),
@@ -235,17 +235,18 @@ fn parse_forward(words: &[&str]) -> Result<Request, StreamError> {
     }
 }
 
-/// The port-forward request for guest port `port`, length prefix included.
-pub fn encode_forward(port: u16) -> Vec<u8> {
-    framed(&format!("{FORWARD_MAGIC} tcp {port}"))
-}
-
-/// The shared-directory request for `tag`, length prefix included.
-pub fn encode_share(tag: &str) -> Result<Vec<u8>, StreamError> {
-    if !is_valid_id(tag) {
-        return Err(StreamError::InvalidId);
+impl Request {
+    /// The request's bytes, length prefix included.
+    pub fn encode(&self) -> Result<Vec<u8>, StreamError> {
+        match self {
+            Request::Stdio(h) => h.encode(),
+            Request::Forward { port } => Ok(framed(&format!("{FORWARD_MAGIC} tcp {port}"))),
+            Request::Share { tag } if is_valid_id(tag) => {
+                Ok(framed(&format!("{SHARE_MAGIC} {tag}")))
+            }
+            Request::Share { .. } => Err(StreamError::InvalidId),
+        }
     }
-    Ok(framed(&format!("{SHARE_MAGIC} {tag}")))
 }
 
 /// `text` behind its length; callers keep it far below 64 KiB.
@@ -256,17 +257,10 @@ fn framed(text: &str) -> Vec<u8> {
     out
 }
 
-/// Host side: asks the agent on a fresh connection to mount the share
-/// `tag`. On `Ok` the stream carries its FUSE requests and replies.
-pub fn share<S: Read + Write>(stream: &mut S, tag: &str) -> Result<(), StreamError> {
-    stream.write_all(&encode_share(tag)?)?;
-    read_reply(stream)
-}
-
-/// Host side: asks the agent on a fresh connection to connect to guest
-/// port `port`. On `Ok` the stream carries that TCP connection's bytes.
-pub fn forward<S: Read + Write>(stream: &mut S, port: u16) -> Result<(), StreamError> {
-    stream.write_all(&encode_forward(port))?;
+/// Host side: sends `request` on a fresh connection and waits for the
+/// agent's answer. On `Ok` the stream carries what was asked for.
+pub fn ask<S: Read + Write>(stream: &mut S, request: &Request) -> Result<(), StreamError> {
+    stream.write_all(&request.encode()?)?;
     read_reply(stream)
 }
 
@@ -334,20 +328,24 @@ mod tests {
 
     #[test]
     fn forward_requests_round_trip_and_bad_ones_are_refused() {
-        let bytes = encode_forward(8080);
+        let bytes = Request::Forward { port: 8080 }.encode().unwrap();
         assert_eq!(
             Request::read_from(&mut &bytes[..]).unwrap(),
             Request::Forward { port: 8080 }
         );
         assert!(StreamHeader::read_from(&mut &bytes[..]).is_err());
-        let share = encode_share("c1-m2").unwrap();
+        let share = Request::Share {
+            tag: "c1-m2".into(),
+        }
+        .encode()
+        .unwrap();
         assert_eq!(
             Request::read_from(&mut &share[..]).unwrap(),
             Request::Share {
                 tag: "c1-m2".into()
             }
         );
-        assert!(encode_share("../x").is_err());
+        assert!(Request::Share { tag: "../x".into() }.encode().is_err());
         let stdio = StreamHeader::new("c", "", StreamKind::Stdin)
             .encode()
             .unwrap();

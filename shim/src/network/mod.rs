@@ -13,9 +13,10 @@ mod discover;
 pub mod port_forward;
 
 use std::fs::{self, File};
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use moat_protocol::agent::SetNetworkRequest;
 use serde::{Deserialize, Serialize};
@@ -136,14 +137,32 @@ fn in_netns<T: Send>(
 }
 
 fn run(args: &[&str]) -> Result<String, NetworkError> {
+    run_with_input(args, None)
+}
+
+/// [`run`], with `input` on the command's stdin.
+fn run_with_input(args: &[&str], input: Option<&str>) -> Result<String, NetworkError> {
     let command = args.join(" ");
-    let out = Command::new(args[0])
+    let failed = |e: std::io::Error| NetworkError::Command {
+        command: command.clone(),
+        detail: e.to_string(),
+    };
+    let mut child = Command::new(args[0])
         .args(&args[1..])
-        .output()
-        .map_err(|e| NetworkError::Command {
-            command: command.clone(),
-            detail: e.to_string(),
-        })?;
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(failed)?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A few hundred bytes: the pipe takes them before the child reads.
+        stdin.write_all(text.as_bytes()).map_err(failed)?;
+    }
+    let out = child.wait_with_output().map_err(failed)?;
     if !out.status.success() {
         return Err(NetworkError::Command {
             command,

@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 
 use moat_protocol::relay::splice;
 
-use super::{in_netns, run, NetworkError};
+use super::{in_netns, run_with_input, NetworkError};
 
 /// The nat chain that holds the redirect, so that teardown finds it
 /// without knowing the listener's port.
@@ -193,66 +193,32 @@ fn reset(conn: TcpStream) {
 }
 
 /// The rule that sends the namespace's TCP connections to 127.0.0.1 into
-/// [`CHAIN`], as `iptables` arguments after the table.
-fn jump() -> [&'static str; 10] {
-    [
-        "OUTPUT",
-        "-o",
-        "lo",
-        "-d",
-        "127.0.0.1/32",
-        "-p",
-        "tcp",
-        "-j",
-        CHAIN,
-        "-w",
-    ]
+/// [`CHAIN`], in iptables-restore's words after `-A` or `-D`.
+fn jump() -> String {
+    format!("OUTPUT -o lo -d 127.0.0.1/32 -p tcp -j {CHAIN}")
+}
+
+/// Applies `rules` to the nat table of the calling thread's namespace in
+/// one `iptables-restore` transaction: all of them or none.
+fn restore_nat(rules: &str) -> Result<(), NetworkError> {
+    let input = format!("*nat\n{rules}COMMIT\n");
+    run_with_input(&["iptables-restore", "-w", "--noflush"], Some(&input)).map(drop)
 }
 
 /// In the calling thread's namespace: redirects loopback TCP connections
-/// to `to_port` on 127.0.0.1. Undone in full on error.
+/// to `to_port` on 127.0.0.1.
 fn add_redirect(to_port: u16) -> Result<(), NetworkError> {
-    let to_port = to_port.to_string();
-    let nat = |op: &str, rest: &[&str]| -> Result<String, NetworkError> {
-        let mut args = vec!["iptables", "-t", "nat", op];
-        args.extend_from_slice(rest);
-        run(&args)
-    };
-    let added = nat("-N", &[CHAIN, "-w"])
-        .and_then(|_| {
-            nat(
-                "-A",
-                &[
-                    CHAIN,
-                    "-p",
-                    "tcp",
-                    "-j",
-                    "REDIRECT",
-                    "--to-ports",
-                    &to_port,
-                    "-w",
-                ],
-            )
-        })
-        .and_then(|_| nat("-A", &jump()));
-    if added.is_err() {
-        remove_redirect();
-    }
-    added.map(drop)
+    restore_nat(&format!(
+        ":{CHAIN} - [0:0]\n-A {CHAIN} -p tcp -j REDIRECT --to-ports {to_port}\n-A {}\n",
+        jump()
+    ))
 }
 
 /// In the calling thread's namespace: removes what [`add_redirect`] made,
 /// if anything. Errors are only logged (there may be nothing to remove).
 pub(super) fn remove_redirect() {
-    let steps: [Vec<&str>; 3] = [
-        [&["iptables", "-t", "nat", "-D"][..], &jump()].concat(),
-        vec!["iptables", "-t", "nat", "-F", CHAIN, "-w"],
-        vec!["iptables", "-t", "nat", "-X", CHAIN, "-w"],
-    ];
-    for args in steps {
-        if let Err(e) = run(&args) {
-            log::debug!("port-forward teardown: {e}");
-        }
+    if let Err(e) = restore_nat(&format!("-D {}\n-F {CHAIN}\n-X {CHAIN}\n", jump())) {
+        log::debug!("port-forward teardown: {e}");
     }
 }
 
@@ -382,7 +348,10 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        let rules = in_netns(&path, || run(&["iptables", "-t", "nat", "-S", "-w"])).unwrap();
+        let rules = in_netns(&path, || {
+            super::super::run(&["iptables", "-t", "nat", "-S", "-w"])
+        })
+        .unwrap();
         assert!(!rules.contains(CHAIN), "{rules}");
     }
 }

@@ -17,14 +17,12 @@ use std::time::Duration;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader, Writer};
-use moat_protocol::relay::MAX_FUSE_MESSAGE;
+use moat_protocol::relay::{read_fuse_message, MAX_FUSE_MESSAGE};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 
 use super::CONNECTION_FD;
 
-/// `fuse_in_header`'s length field comes first.
-const LEN_FIELD: usize = 4;
 /// The smallest request: a whole `fuse_in_header`.
 const IN_HEADER: usize = 40;
 
@@ -98,21 +96,7 @@ pub fn serve(mut conn: UnixStream, fs: PassthroughFs) -> io::Result<()> {
     let server = Server::new(fs);
     let mut request = vec![0u8; MAX_FUSE_MESSAGE];
     let mut reply = vec![0u8; MAX_FUSE_MESSAGE];
-    loop {
-        if let Err(e) = conn.read_exact(&mut request[..LEN_FIELD]) {
-            return match e.kind() {
-                io::ErrorKind::UnexpectedEof => Ok(()),
-                _ => Err(e),
-            };
-        }
-        let len = u32::from_ne_bytes([request[0], request[1], request[2], request[3]]) as usize;
-        if !(IN_HEADER..=MAX_FUSE_MESSAGE).contains(&len) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("a FUSE request of {len} bytes"),
-            ));
-        }
-        conn.read_exact(&mut request[LEN_FIELD..len])?;
+    while let Some(len) = read_fuse_message(&mut conn, &mut request, IN_HEADER)? {
         let init = field_u32(&request, IN_OPCODE) == FUSE_INIT;
         let offered = field_u32(&request, IN_INIT_FLAGS);
         if !init {
@@ -128,6 +112,7 @@ pub fn serve(mut conn: UnixStream, fs: PassthroughFs) -> io::Result<()> {
         amend_init(&mut answered, offered);
         conn.write_all(&answered)?;
     }
+    Ok(())
 }
 
 /// Has the passthrough filesystem answer one request, writing to `fd`.
