@@ -386,6 +386,11 @@ fn child_main(
             .map_err(|e| errno_str("unshare", e))?;
     }
     pid_ns |= new.contains(CloneFlags::CLONE_NEWPID);
+    if new.contains(CloneFlags::CLONE_NEWNET) {
+        // As runc: a network namespace of the container's own has its
+        // loopback up, so 127.0.0.1 works without any CNI.
+        crate::network::link_up("lo").map_err(|e| errno_str("loopback", e))?;
+    }
 
     if pid_ns {
         // Only children enter the pid namespace: fork once more, report the

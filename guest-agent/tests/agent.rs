@@ -233,6 +233,11 @@ fn main() {
             scenarios::rootfs_propagation,
         ),
         case("sysctls", &dir_env, scenarios::sysctls),
+        case(
+            "own_network_namespace",
+            &dir_env,
+            scenarios::own_network_namespace,
+        ),
         case("stdin", &dir_env, scenarios::stdin),
         case("tty_and_resize", &dir_env, scenarios::tty_and_resize),
         case("seccomp_denial", &dir_env, scenarios::seccomp_denial),

@@ -250,6 +250,11 @@ fn main() {
             case("bad_requests", &b, scenarios::bad_requests),
             case("rootfs_propagation", &b, scenarios::rootfs_propagation),
             case("sysctls", &b, scenarios::sysctls),
+            case(
+                "own_network_namespace",
+                &a,
+                scenarios::own_network_namespace,
+            ),
             case("big_output (8 MiB)", &b, scenarios::big_output),
         ],
     ];

@@ -600,6 +600,20 @@ pub fn sysctls(env: &Env) {
     assert!(err.contains("Read-only file system"), "{err}");
 }
 
+/// A container with a network namespace of its own has its loopback up
+/// (IFF_UP | IFF_LOOPBACK), as on runc: workloads talk over 127.0.0.1
+/// without any CNI.
+pub fn own_network_namespace(env: &Env) {
+    let c = env.client();
+    let mut s = spec(&["cat", "/sys/class/net/lo/flags"], false);
+    s["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "network"}));
+    let (w, out, err) = run(env, &c, "netns", &s);
+    assert_eq!((w.exit_status, out.as_str()), (0, "0x9\n"), "{err}");
+}
+
 /// The smallest N for which `seq 1 N` prints at least `bytes` bytes.
 fn seq_lines_for(bytes: u64) -> u64 {
     let (mut n, mut total, mut width, mut next_width_at) = (0u64, 0u64, 1u64, 10u64);
