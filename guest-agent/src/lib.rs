@@ -12,7 +12,7 @@
 //!   listeners; [`error`] maps failures onto ttrpc codes;
 //! - [`container`]: container and process lifecycle, built on [`process`]
 //!   (fork, namespaces, exec), [`mount`] (rootfs and volumes, through the
-//!   [`syscall`] trait), [`cgroup`], [`seccomp`] (with [`syscall_table`])
+//!   [`syscall`] trait), [`capabilities`], [`cgroup`], [`seccomp`] (with [`syscall_table`])
 //!   and [`oci`] (the spec types);
 //! - [`stdio`]: the stdio-stream port and each process's pipes or pty;
 //!   [`port_forward`]: CRI PortForward connections that arrive on it;
@@ -23,6 +23,7 @@
 //! - [`initramfs`]: the cpio writer behind `moat-mkinitramfs`;
 //! - [`logger`]: console logging.
 
+pub mod capabilities;
 pub mod cgroup;
 pub mod config;
 pub mod container;

@@ -1,7 +1,8 @@
-//! Creating container processes: fork, then in the child join/create
-//! namespaces and the cgroup, set up the root (init only), drop privileges,
-//! install seccomp and exec. The parent learns the final pid, the pty
-//! master and any setup error through a close-on-exec socket.
+//! Creating container processes: fork (into the container's pid
+//! namespace), then in the child join/create the other namespaces and the
+//! cgroup, set up the root (init only), drop privileges, install seccomp
+//! and exec. The parent learns the pty master and any setup error through
+//! a close-on-exec socket.
 //!
 //! The child runs Rust code after fork in a multi-threaded agent. That is
 //! safe here because glibc's fork resets malloc's locks in the child, and
@@ -22,6 +23,7 @@ use nix::sys::stat::{Mode, SFlag};
 use nix::unistd::{Gid, Uid};
 use seccompiler::BpfProgram;
 
+use crate::capabilities::{self, CapSets};
 use crate::error::{AgentError, IoContext, Result};
 use crate::mount::{ensure_in_root, fd_path, MountOptions};
 use crate::oci;
@@ -88,7 +90,6 @@ pub struct Spawned {
     start: Option<File>,
 }
 
-const TAG_PID: u8 = b'P';
 const TAG_PTY: u8 = b'T';
 const TAG_READY: u8 = b'R';
 const TAG_ERROR: u8 = b'E';
@@ -217,23 +218,31 @@ pub fn spawn(plan: &ChildPlan, stdio: ChildStdio) -> Result<Spawned> {
     )
     .ctx(|| "socketpair".into())?;
     let (start_r, start_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).ctx(|| "pipe".into())?;
+    let parts = ExecParts::of(plan).map_err(AgentError::Spawn)?;
     // Open the namespace files while the agent's view of /proc is certain.
-    let ns_fds = namespace_fds(plan)?;
+    let mut ns_fds = namespace_fds(plan)?;
+    let pid_ns = ns_fds
+        .iter()
+        .position(|(_, f)| *f == CloneFlags::CLONE_NEWPID)
+        .map(|i| ns_fds.remove(i).0);
+    let new_pid_ns = new_namespaces(plan).contains(CloneFlags::CLONE_NEWPID);
+    let children_pid_ns = ChildrenPidNs::enter(pid_ns.as_ref(), new_pid_ns)?;
 
     // SAFETY: fork is async-signal-safe; the child only runs `child_main`,
     // which avoids locks other threads might hold (see module docs).
     let pid = unsafe { libc::fork() };
+    let fork_error = std::io::Error::last_os_error();
+    if pid != 0 {
+        drop(children_pid_ns);
+    }
     if pid < 0 {
-        return Err(AgentError::Spawn(format!(
-            "fork: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(AgentError::Spawn(format!("fork: {fork_error}")));
     }
     if pid == 0 {
         drop(report_r);
         drop(start_w);
         let w = report_w.as_raw_fd();
-        let err = match child_main(plan, &stdio, ns_fds, w, start_r.as_raw_fd()) {
+        let err = match child_main(plan, &parts, &stdio, ns_fds, w, start_r.as_raw_fd()) {
             Err(e) => e,
             Ok(never) => match never {},
         };
@@ -253,11 +262,6 @@ pub fn spawn(plan: &ChildPlan, stdio: ChildStdio) -> Result<Spawned> {
         report: report.try_clone().ctx(|| "dup".into())?,
         start: plan.gated.then(|| File::from(start_w)),
     };
-    let p = expect(&mut report, TAG_PID)?;
-    spawned.pid = i32::from_le_bytes(
-        p.try_into()
-            .map_err(|_| AgentError::Spawn("bad pid message".into()))?,
-    );
     if terminal {
         spawned.pty_master = Some(expect_fd(&report)?);
     }
@@ -273,6 +277,48 @@ pub fn spawn(plan: &ChildPlan, stdio: ChildStdio) -> Result<Spawned> {
         }
     }
     Ok(spawned)
+}
+
+/// The pid namespace of the calling thread's children, moved for one
+/// fork: a process cannot enter a pid namespace itself (only its children
+/// would), so the agent's thread moves its own children's namespace and
+/// the child is born in it, with one fork instead of two. Every fork costs
+/// hundreds of milliseconds of emulated guest kernel on a PVM host. Only
+/// this thread is affected; dropping this moves it back.
+struct ChildrenPidNs {
+    own: Option<File>,
+}
+
+impl ChildrenPidNs {
+    /// Children of this thread go to `join`, or to a new pid namespace if
+    /// `new`, until this is dropped.
+    fn enter(join: Option<&File>, new: bool) -> Result<ChildrenPidNs> {
+        if join.is_none() && !new {
+            return Ok(ChildrenPidNs { own: None });
+        }
+        let own =
+            File::open("/proc/thread-self/ns/pid").ctx(|| "opening our pid namespace".into())?;
+        match join {
+            Some(f) => nix::sched::setns(f.as_fd(), CloneFlags::CLONE_NEWPID)
+                .ctx(|| "entering the container's pid namespace".into())?,
+            None => nix::sched::unshare(CloneFlags::CLONE_NEWPID)
+                .ctx(|| "making a pid namespace".into())?,
+        }
+        Ok(ChildrenPidNs { own: Some(own) })
+    }
+}
+
+impl Drop for ChildrenPidNs {
+    fn drop(&mut self) {
+        let Some(own) = &self.own else { return };
+        // Entering one's own active pid namespace needs only the
+        // CAP_SYS_ADMIN the agent has. Should it fail, this thread's next
+        // child would be born in another container's namespace: stop.
+        if let Err(e) = nix::sched::setns(own.as_fd(), CloneFlags::CLONE_NEWPID) {
+            log::error!("cannot return to the agent's pid namespace: {e}");
+            std::process::abort();
+        }
+    }
 }
 
 const NAMESPACES: &[(&str, &str, CloneFlags)] = &[
@@ -347,6 +393,7 @@ fn errno_str(what: &str, e: impl std::fmt::Display) -> String {
 /// The child's side. Returns only on error.
 fn child_main(
     plan: &ChildPlan,
+    parts: &ExecParts,
     stdio: &ChildStdio,
     ns_fds: Vec<(File, CloneFlags)>,
     report: RawFd,
@@ -373,56 +420,21 @@ fn child_main(
             .map_err(|e| errno_str("oom_score_adj", e))?;
     }
 
-    let mut pid_ns = false;
+    // The pid namespace is the one the agent forked this child into.
     for (f, flag) in &ns_fds {
         nix::sched::setns(f.as_fd(), *flag).map_err(|e| errno_str("setns", e))?;
-        pid_ns |= *flag == CloneFlags::CLONE_NEWPID;
     }
     drop(ns_fds);
-    let new = new_namespaces(plan);
+    let new = new_namespaces(plan) - CloneFlags::CLONE_NEWPID;
     if !new.is_empty() {
         LinuxSyscall
             .unshare(new)
             .map_err(|e| errno_str("unshare", e))?;
     }
-    pid_ns |= new.contains(CloneFlags::CLONE_NEWPID);
     if new.contains(CloneFlags::CLONE_NEWNET) {
         // As runc: a network namespace of the container's own has its
         // loopback up, so 127.0.0.1 works without any CNI.
         crate::network::link_up("lo").map_err(|e| errno_str("loopback", e))?;
-    }
-
-    if pid_ns {
-        // Only children enter the pid namespace: fork once more, report the
-        // grandchild, and leave (the agent reaps it as subreaper / PID 1).
-        // The grandchild waits for that exit (EOF on `order`) so that its
-        // own messages never come before the pid.
-        let (order_r, order_w) =
-            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| errno_str("pipe", e))?;
-        // SAFETY: this process is single-threaded after fork.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(errno_str("fork", std::io::Error::last_os_error()));
-        }
-        if pid > 0 {
-            send(report, TAG_PID, &pid.to_le_bytes());
-            // SAFETY: exits without destructors (closing `order_w`); the
-            // grandchild carries on.
-            unsafe { libc::_exit(0) };
-        }
-        drop(order_w);
-        let mut b = [0u8; 1];
-        // SAFETY: reads into a 1-byte buffer we own; returns at EOF.
-        while unsafe { libc::read(order_r.as_raw_fd(), b.as_mut_ptr().cast(), 1) } < 0
-            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-        {}
-        drop(order_r);
-    } else {
-        send(
-            report,
-            TAG_PID,
-            &nix::unistd::getpid().as_raw().to_le_bytes(),
-        );
     }
 
     nix::unistd::setsid().map_err(|e| errno_str("setsid", e))?;
@@ -458,7 +470,7 @@ fn child_main(
             unsafe { libc::_exit(0) };
         }
     }
-    finish_and_exec(plan)
+    finish_and_exec(plan, parts)
 }
 
 /// Opens a terminal from /dev/ptmx, makes its slave our controlling
@@ -834,16 +846,6 @@ fn readonly_path(sys: &dyn Syscall, p: &str) -> Result<()> {
     .ctx(|| format!("making {p} read-only"))
 }
 
-fn parse_caps(names: &[String]) -> std::result::Result<caps::CapsHashSet, String> {
-    names
-        .iter()
-        .map(|n| {
-            n.parse::<caps::Capability>()
-                .map_err(|_| format!("unknown capability {n}"))
-        })
-        .collect()
-}
-
 /// Builds the final environment: the spec's, plus `extra` merged in.
 pub fn build_env(env: &[String], extra: &[(String, String)]) -> Vec<String> {
     let mut out: Vec<String> = env.to_vec();
@@ -886,45 +888,46 @@ fn install_seccomp(plan: &ChildPlan) -> std::result::Result<(), String> {
     Ok(())
 }
 
-fn finish_and_exec(plan: &ChildPlan) -> std::result::Result<std::convert::Infallible, String> {
-    let p = &plan.process;
-    let env = build_env(&p.env, &plan.extra_env);
-    let args: Vec<CString> = p
-        .args
-        .iter()
-        .map(|a| CString::new(a.as_str()))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| "NUL in args".to_string())?;
-    let envc: Vec<CString> = env
-        .iter()
-        .map(|a| CString::new(a.as_str()))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| "NUL in env".to_string())?;
+/// What the exec needs that can be made before fork: the child then
+/// neither allocates nor parses (each page it writes is a copy-on-write
+/// fault, emulated on a PVM host).
+struct ExecParts {
+    args: Vec<CString>,
+    env: Vec<String>,
+    envc: Vec<CString>,
+    caps: Option<CapSets>,
+}
 
+impl ExecParts {
+    fn of(plan: &ChildPlan) -> std::result::Result<ExecParts, String> {
+        let p = &plan.process;
+        let cstrings = |v: &[String], what: &str| {
+            v.iter()
+                .map(|a| CString::new(a.as_str()))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|_| format!("NUL in {what}"))
+        };
+        let env = build_env(&p.env, &plan.extra_env);
+        Ok(ExecParts {
+            args: cstrings(&p.args, "args")?,
+            envc: cstrings(&env, "env")?,
+            env,
+            caps: p.capabilities.as_ref().map(CapSets::parse).transpose()?,
+        })
+    }
+}
+
+fn finish_and_exec(
+    plan: &ChildPlan,
+    parts: &ExecParts,
+) -> std::result::Result<std::convert::Infallible, String> {
+    let p = &plan.process;
     if !p.no_new_privileges {
         // Without no_new_privs only a privileged process may install filters.
         install_seccomp(plan)?;
     }
-    let wanted = p
-        .capabilities
-        .as_ref()
-        .map(|c| -> std::result::Result<_, String> {
-            Ok((
-                parse_caps(&c.bounding)?,
-                parse_caps(&c.effective)?,
-                parse_caps(&c.permitted)?,
-                parse_caps(&c.inheritable)?,
-                parse_caps(&c.ambient)?,
-            ))
-        })
-        .transpose()?;
-    if let Some((bounding, ..)) = &wanted {
-        for c in caps::all() {
-            if !bounding.contains(&c) {
-                caps::drop(None, caps::CapSet::Bounding, c)
-                    .map_err(|e| errno_str("dropping bounding cap", e))?;
-            }
-        }
+    if let Some(c) = &parts.caps {
+        capabilities::drop_bounding(c.bounding)?;
     }
     // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) };
@@ -941,20 +944,13 @@ fn finish_and_exec(plan: &ChildPlan) -> std::result::Result<std::convert::Infall
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| errno_str("setresuid", e))?;
     // SAFETY: as above.
     unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) };
-    if let Some((_, effective, permitted, inheritable, ambient)) = &wanted {
-        caps::set(None, caps::CapSet::Effective, effective)
-            .map_err(|e| errno_str("effective caps", e))?;
-        caps::set(None, caps::CapSet::Permitted, permitted)
-            .map_err(|e| errno_str("permitted caps", e))?;
-        caps::set(None, caps::CapSet::Inheritable, inheritable)
-            .map_err(|e| errno_str("inheritable caps", e))?;
-        caps::set(None, caps::CapSet::Ambient, ambient)
-            .map_err(|e| errno_str("ambient caps", e))?;
+    if let Some(c) = &parts.caps {
+        capabilities::apply(c)?;
     }
     // SAFETY: umask cannot fail.
     unsafe { libc::umask(p.user.umask.unwrap_or(0o022) as libc::mode_t) };
     nix::unistd::chdir(p.cwd.as_str()).map_err(|e| errno_str(&format!("chdir {}", p.cwd), e))?;
-    let exe = find_executable(&p.args[0], &env)?;
+    let exe = find_executable(&p.args[0], &parts.env)?;
     if p.no_new_privileges {
         // SAFETY: prctl with integer arguments only.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
@@ -973,7 +969,7 @@ fn finish_and_exec(plan: &ChildPlan) -> std::result::Result<std::convert::Infall
             libc::CLOSE_RANGE_CLOEXEC,
         )
     };
-    let err = nix::unistd::execve(&exe, &args, &envc).unwrap_err();
+    let err = nix::unistd::execve(&exe, &parts.args, &parts.envc).unwrap_err();
     Err(format!("exec {:?}: {err}", p.args[0]))
 }
 

@@ -937,6 +937,21 @@ pub fn dropped_capabilities(env: &Env) {
     assert!(out.starts_with("1000\n1000\n1000 2000\n"), "{out}");
     assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
     assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+
+    // An ambient capability carries a non-root user's exec: its sets are
+    // exactly that capability (CAP_NET_BIND_SERVICE, bit 10), inheritable too.
+    let mut s = spec(
+        &["grep", "-E", "^Cap(Inh|Prm|Eff|Amb)", "/proc/self/status"],
+        false,
+    );
+    s["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+    let caps = json!(["CAP_NET_BIND_SERVICE"]);
+    s["process"]["capabilities"] = json!({"bounding": caps, "effective": caps, "permitted": caps, "inheritable": caps, "ambient": caps});
+    let (w, out, err) = run(env, &c, "ambient", &s);
+    assert_eq!(w.exit_status, 0, "{err}");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert!(out.contains(&format!("{set}:\t0000000000000400")), "{out}");
+    }
 }
 
 /// Paths that leave their root are refused; the agent keeps serving.
