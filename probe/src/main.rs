@@ -25,6 +25,16 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize, what: &str) -> Result<T,
     v.parse().map_err(|_| format!("bad {what}: {v:?}"))
 }
 
+/// The workloads' size, argument 2: a positive factor of the unit size.
+fn scale(args: &[String]) -> Result<f64, String> {
+    let s: f64 = arg(args, 2, "scale")?;
+    if s.is_finite() && s > 0.0 {
+        Ok(s)
+    } else {
+        Err(format!("scale {s}: not a positive number"))
+    }
+}
+
 fn run(args: &[String]) -> Result<Value, String> {
     let sub = args.first().map(String::as_str).unwrap_or("");
     match sub {
@@ -38,12 +48,9 @@ fn run(args: &[String]) -> Result<Value, String> {
             args.iter().any(|a| a == "--privileged"),
         )),
         "avx" => Ok(avx::check(arg(args, 1, "procs")?, arg(args, 2, "seconds")?)),
-        "workload" => Ok(work::workload(
-            arg(args, 1, "reps")?,
-            arg(args, 2, "scale")?,
-        )),
+        "workload" => Ok(work::workload(arg(args, 1, "reps")?, scale(args)?)),
         "stress" => stress::run(&arg::<String>(args, 1, "kind")?, arg(args, 2, "seconds")?),
-        "micro" => Ok(work::micro(arg(args, 1, "reps")?, arg(args, 2, "scale")?)),
+        "micro" => Ok(work::micro(arg(args, 1, "reps")?, scale(args)?)),
         "io" => work::io(&arg::<String>(args, 1, "dir")?, arg(args, 2, "MiB")?),
         "net" => work::net(arg(args, 1, "seconds")?),
         _ => Err(format!(

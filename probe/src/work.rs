@@ -13,6 +13,12 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+/// `base` operations at size `scale` (1 = the unit size; `--quick` runs
+/// a small fraction of it): at least one.
+fn count(base: u64, scale: f64) -> u64 {
+    ((base as f64 * scale).round() as u64).max(1)
+}
+
 /// A pure integer loop (no memory, no syscalls): `n` steps of an LCG.
 fn int_loop(n: u64) -> u64 {
     let mut x = 1u64;
@@ -22,17 +28,19 @@ fn int_loop(n: u64) -> u64 {
     x
 }
 
-fn cpu_ms(scale: u32) -> f64 {
+fn cpu_ms(scale: f64) -> f64 {
     let t = Instant::now();
-    black_box(int_loop(20_000_000 * u64::from(scale)));
+    black_box(int_loop(count(20_000_000, scale)));
     ms(t)
 }
 
-/// Streams through a 32 MiB buffer (larger than any cache here), 4 passes.
-fn mem_ms(scale: u32) -> f64 {
-    let mut a = vec![1u64; 4 << 20];
+/// Streams through a 32 MiB buffer (larger than any cache here), 4 passes
+/// at scale 1. Below scale 1 the buffer shrinks instead: faulting its pages
+/// in (before the clock starts) is what costs on an emulated guest kernel.
+fn mem_ms(scale: f64) -> f64 {
+    let mut a = vec![1u64; count(4 << 20, scale.min(1.0)) as usize];
     let t = Instant::now();
-    for pass in 0..4 * u64::from(scale) {
+    for pass in 0..count(4, scale.max(1.0)) {
         for v in a.iter_mut() {
             *v = v.wrapping_add(pass);
         }
@@ -42,12 +50,12 @@ fn mem_ms(scale: u32) -> f64 {
 }
 
 /// 4 KiB writes, each made durable with fdatasync, on the rootfs.
-fn disk_ms(scale: u32) -> Result<f64, String> {
+fn disk_ms(scale: f64) -> Result<f64, String> {
     let path = "/tmp/moat-probe-fsync.dat";
     let mut f = std::fs::File::create(path).map_err(|e| format!("create {path}: {e}"))?;
     let block = [7u8; 4096];
     let t = Instant::now();
-    for _ in 0..50 * scale {
+    for _ in 0..count(50, scale) {
         f.write_all(&block).map_err(|e| format!("write: {e}"))?;
         f.sync_data().map_err(|e| format!("fdatasync: {e}"))?;
     }
@@ -58,7 +66,7 @@ fn disk_ms(scale: u32) -> Result<f64, String> {
 
 /// An echo server on loopback and `n` 64-byte request/replies: the p50
 /// round trip in microseconds.
-fn latency_us(n: u32) -> Result<f64, String> {
+fn latency_us(n: u64) -> Result<f64, String> {
     let l = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
     let addr = l.local_addr().map_err(|e| e.to_string())?;
     let server = std::thread::spawn(move || {
@@ -86,7 +94,7 @@ fn latency_us(n: u32) -> Result<f64, String> {
 }
 
 /// The well-behaved container's fixed work, `reps` times.
-pub fn workload(reps: u32, scale: u32) -> Value {
+pub fn workload(reps: u32, scale: f64) -> Value {
     let (mut cpu, mut mem, mut disk, mut lat) = (vec![], vec![], vec![], vec![]);
     let mut errors = vec![];
     for _ in 0..reps {
@@ -96,7 +104,7 @@ pub fn workload(reps: u32, scale: u32) -> Value {
             Ok(v) => disk.push(v),
             Err(e) => errors.push(e),
         }
-        match latency_us(500 * scale) {
+        match latency_us(count(500, scale)) {
             Ok(v) => lat.push(v),
             Err(e) => errors.push(e),
         }
@@ -132,28 +140,27 @@ fn create_delete(n: u64) -> Result<f64, String> {
 }
 
 /// Syscall-heavy and CPU-bound micro workloads, `reps` times each.
-pub fn micro(reps: u32, scale: u32) -> Value {
-    let s = u64::from(scale);
+pub fn micro(reps: u32, scale: f64) -> Value {
     let (mut getpid, mut files, mut forks, mut ints) = (vec![], vec![], vec![], vec![]);
     let mut errors = vec![];
     for _ in 0..reps {
-        let n = 200_000 * s;
+        let n = count(200_000, scale);
         let t = Instant::now();
         for _ in 0..n {
             // SAFETY: getpid takes no arguments; raw, so libc cannot cache it.
             black_box(unsafe { libc::syscall(libc::SYS_getpid) });
         }
         getpid.push(per_op(t, n, 1e9));
-        match create_delete(500 * s) {
+        match create_delete(count(500, scale)) {
             Ok(v) => files.push(v),
             Err(e) => errors.push(e),
         }
-        match fork_exec(20 * s) {
+        match fork_exec(count(20, scale)) {
             Ok(v) => forks.push(v),
             Err(e) => errors.push(e),
         }
         let t = Instant::now();
-        black_box(int_loop(50_000_000 * s));
+        black_box(int_loop(count(50_000_000, scale)));
         ints.push(ms(t));
     }
     json!({

@@ -1,7 +1,7 @@
 //! A small JSON Schema checker for results.json: the keywords
 //! bench/isolation.schema.json uses (`type`, `required`, `properties`,
-//! `additionalProperties`, `items`, `enum`, `minimum`, `$ref` to
-//! `#/$defs/...`), so the file is standard JSON Schema that any validator
+//! `additionalProperties`, `items`, `enum`, `minimum`, `exclusiveMinimum`,
+//! `$ref` to `#/$defs/...`), so the file is standard JSON Schema that any validator
 //! also reads.
 
 use serde_json::Value;
@@ -57,6 +57,12 @@ fn check(root: &Value, s: &Value, v: &Value, at: &str, errs: &mut Vec<String>) {
             errs.push(format!("{at}: {x} < minimum {m}"));
         }
     }
+    let exclusive = s.get("exclusiveMinimum").and_then(Value::as_f64);
+    if let (Some(m), Some(x)) = (exclusive, v.as_f64()) {
+        if x <= m {
+            errs.push(format!("{at}: {x} <= exclusive minimum {m}"));
+        }
+    }
     if let Some(obj) = v.as_object() {
         for k in s
             .get("required")
@@ -108,20 +114,21 @@ mod tests {
                 "a": {"type": "array", "items": {"$ref": "#/$defs/n"}},
                 "b": {"enum": ["x", "y"]},
                 "c": {"type": ["string", "null"]},
-                "d": {"type": "object", "additionalProperties": {"type": "integer"}}
+                "d": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "f": {"type": "number", "exclusiveMinimum": 0}
             },
             "$defs": {"n": {"type": "number", "minimum": 0}}
         });
         assert!(validate(
             &s,
-            &json!({"a": [1, 2.5], "b": "x", "c": null, "d": {"k": 3}})
+            &json!({"a": [1, 2.5], "b": "x", "c": null, "d": {"k": 3}, "f": 0.05})
         )
         .is_empty());
         let errs = validate(
             &s,
-            &json!({"a": [-1, "z"], "b": "q", "c": 1, "d": {"k": 1.5}, "e": 0}),
+            &json!({"a": [-1, "z"], "b": "q", "c": 1, "d": {"k": 1.5}, "e": 0, "f": 0}),
         );
-        assert_eq!(errs.len(), 6, "{errs:#?}");
+        assert_eq!(errs.len(), 7, "{errs:#?}");
         assert_eq!(
             validate(&s, &json!({})),
             ["missing \"a\""].map(|e| format!(": {e}"))
