@@ -4,6 +4,7 @@
 //! the guest's place. Needs root and /dev/fuse; skipped loudly without.
 
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -43,7 +44,12 @@ fn a_share_reads_and_writes_the_host_directory_from_a_jail() {
         dir: dir.clone(),
     };
     let exe = Path::new(env!("CARGO_BIN_EXE_containerd-shim-moat-v1"));
-    let server = ShareServer::spawn(exe, &share, host).unwrap();
+    // A plain file stands in for the pod cgroup's cgroup.procs.
+    let procs_path = tmp.join("cgroup.procs");
+    let procs = fs::File::create(&procs_path).unwrap();
+    let server = ShareServer::spawn(exe, &share, host, vec![procs.as_raw_fd()]).unwrap();
+    // It joined the pod's cgroup before exec (spawn returns after the exec).
+    assert_eq!(fs::read_to_string(&procs_path).unwrap(), "0");
     let dev = moat_agent::share::mount_fuse(&mnt).unwrap();
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {

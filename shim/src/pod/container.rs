@@ -206,7 +206,8 @@ impl Resources {
             let conn = moat_protocol::open_share(&connector, port, &s.tag)
                 .map_err(|e| failed(e.to_string()))?;
             // The running shim binary, even if its file was replaced since.
-            let server = ShareServer::spawn(Path::new("/proc/self/exe"), s, conn)
+            let cgroup = vm.host_cgroup_procs();
+            let server = ShareServer::spawn(Path::new("/proc/self/exe"), s, conn, cgroup)
                 .map_err(|e| failed(e.to_string()))?;
             self.shares.push(server);
         }

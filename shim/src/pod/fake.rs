@@ -2,6 +2,7 @@
 //! speaks the real protocol, and can be told to be slow, silent or to lie.
 
 use std::collections::HashMap;
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -275,6 +276,10 @@ impl PodVm for FakeVm {
 
     fn size(&self) -> VmSize {
         self.size
+    }
+
+    fn host_cgroup_procs(&self) -> Vec<RawFd> {
+        Vec::new()
     }
 
     fn stop(&self) {

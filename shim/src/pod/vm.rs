@@ -2,6 +2,7 @@
 //! a fake VM in tests: [`PodVm`] is one booted VM, [`VmLauncher`] boots one.
 
 use std::fs;
+use std::os::fd::RawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -28,6 +29,9 @@ pub trait PodVm: Send + Sync {
     fn exited(&self) -> bool;
     /// The vCPUs and memory it booted with (it cannot grow).
     fn size(&self) -> VmSize;
+    /// The open `cgroup.procs` of the pod's host cgroup, where the pod's
+    /// host helpers (share servers) join the VMM; empty without one.
+    fn host_cgroup_procs(&self) -> Vec<RawFd>;
     /// Powers the VM off and removes its state directory.
     fn stop(&self);
 }
@@ -89,6 +93,10 @@ impl PodVm for SandboxVm {
 
     fn size(&self) -> VmSize {
         self.size
+    }
+
+    fn host_cgroup_procs(&self) -> Vec<RawFd> {
+        self.sandbox.host_cgroup_procs()
     }
 
     fn stop(&self) {

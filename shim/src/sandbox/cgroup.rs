@@ -166,8 +166,8 @@ impl HostCgroup {
         fs::write(sandbox_dir.join(RECORD_FILE), record.join("\n"))
     }
 
-    /// Each hierarchy's `cgroup.procs`, for the VMM to write "0" to
-    /// between fork and exec.
+    /// Each hierarchy's `cgroup.procs`, for the VMM and the pod's other
+    /// host helpers to join between fork and exec ([`join_from_child`]).
     pub fn procs_fds(&self) -> Vec<RawFd> {
         self.procs.iter().map(AsRawFd::as_raw_fd).collect()
     }
@@ -178,6 +178,19 @@ impl HostCgroup {
             remove(dir);
         }
     }
+}
+
+/// Moves the calling process into the cgroups whose open `cgroup.procs`
+/// are `procs`. Only write(2): safe between fork and exec.
+pub fn join_from_child(procs: &[RawFd]) -> io::Result<()> {
+    for fd in procs {
+        // "0": the writing process itself.
+        // SAFETY: writes one byte from a static buffer to an open descriptor.
+        if unsafe { libc::write(*fd, b"0".as_ptr().cast(), 1) } != 1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Gives every cgroup of `path` below a v1 cpuset hierarchy's `mount`

@@ -244,6 +244,15 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// The open `cgroup.procs` of the pod's host cgroup, one per
+    /// hierarchy; empty when the VMM has none.
+    pub fn host_cgroup_procs(&self) -> Vec<std::os::fd::RawFd> {
+        self.cgroup
+            .as_ref()
+            .map(HostCgroup::procs_fds)
+            .unwrap_or_default()
+    }
+
     /// Boots a VM sized `size` whose first disks are `disks`, placed on
     /// the host as `host` says, and waits for its agent. On error nothing
     /// is left running, the network is torn down, the cgroup removed, and

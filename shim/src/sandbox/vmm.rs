@@ -67,12 +67,7 @@ impl Vmm {
         // until `spawn` returns (the caller holds it).
         unsafe {
             cmd.pre_exec(move || {
-                for fd in &cgroup_procs {
-                    // "0": the writing process itself.
-                    if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
+                super::cgroup::join_from_child(&cgroup_procs)?;
                 for fd in &keep_fds {
                     let flags = libc::fcntl(*fd, libc::F_GETFD);
                     if flags < 0 || libc::fcntl(*fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {

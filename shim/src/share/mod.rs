@@ -12,7 +12,7 @@
 pub mod server;
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -42,8 +42,15 @@ pub struct ShareServer {
 
 impl ShareServer {
     /// Serves `share` on `conn`, the guest connection the agent answered
-    /// for it, in a child of the shim binary `exe`.
-    pub fn spawn(exe: &Path, share: &Share, conn: UnixStream) -> io::Result<ShareServer> {
+    /// for it, in a child of the shim binary `exe` that joins the cgroups
+    /// whose open `cgroup.procs` are `cgroup_procs` (the pod's, beside its
+    /// VMM: kubelet then accounts the server's memory and CPU to the pod).
+    pub fn spawn(
+        exe: &Path,
+        share: &Share,
+        conn: UnixStream,
+        cgroup_procs: Vec<RawFd>,
+    ) -> io::Result<ShareServer> {
         let fd = conn.as_raw_fd();
         let mut cmd = Command::new(exe);
         cmd.arg(SUBCOMMAND)
@@ -54,10 +61,12 @@ impl ShareServer {
         // worker that may end long before the container), not the shim.
         // The server ends with its connection, which closes when the
         // container is deleted or the VM is gone.
-        // SAFETY: between fork and exec only dup2 (async-signal-safe),
-        // which clears close-on-exec on the copy.
+        // SAFETY: between fork and exec only write and dup2 (both
+        // async-signal-safe; dup2 clears close-on-exec on the copy). The
+        // caller keeps `cgroup_procs` open until this returns.
         unsafe {
             cmd.pre_exec(move || {
+                crate::sandbox::cgroup::join_from_child(&cgroup_procs)?;
                 if libc::dup2(fd, CONNECTION_FD) < 0 {
                     return Err(io::Error::last_os_error());
                 }
