@@ -322,6 +322,12 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     elapsed(t, &format!("{handler}: execs checked"));
     check_port_forward(cri, &pod, &app, handler);
     host_path.check(cri, &app);
+    if handler == "moat" {
+        // The hostPath volume's share server is the pod's too.
+        let servers = host_path.share_servers();
+        assert_eq!(servers.len(), 1, "{servers:?}");
+        check_in_pod_cgroup(&pc, &pod, &servers);
+    }
 
     // A second container, of an image of 32 layers (more than a VM has
     // block slots), shares the pod's network and hostname.
@@ -448,19 +454,25 @@ fn remove_cgroup(path: &str) {
 /// holds what runs the pod on the host: the pause process on runc,
 /// moat-vmm on moat (so that kubelet's accounting and limits see the VM).
 fn check_pod_cgroup(cri: &Cri, pc: &PodSandboxConfig, pod: &str) {
-    let parent = &pc.linux.as_ref().unwrap().cgroup_parent;
     let vmms = vmm_pids(&cri.containerd.dir.to_string_lossy());
+    check_in_pod_cgroup(pc, pod, &vmms);
+}
+
+/// Each of `processes` ("pid args", as `pids_with_env_or_arg` gives) is
+/// in the pod's sandbox cgroup, in every hierarchy, which is not empty.
+fn check_in_pod_cgroup(pc: &PodSandboxConfig, pod: &str, processes: &[String]) {
+    let parent = &pc.linux.as_ref().unwrap().cgroup_parent;
     for dir in sys_cgroups(&format!("{parent}/{pod}")) {
         let procs_path = dir.join("cgroup.procs");
         let procs = std::fs::read_to_string(&procs_path)
             .unwrap_or_else(|e| panic!("{}: {e}", procs_path.display()));
         let pids: Vec<&str> = procs.split_whitespace().collect();
         assert!(!pids.is_empty(), "nothing runs in {}", procs_path.display());
-        for vmm in &vmms {
-            let pid = vmm.split(' ').next().unwrap_or_default();
+        for p in processes {
+            let pid = p.split(' ').next().unwrap_or_default();
             assert!(
                 pids.contains(&pid),
-                "moat-vmm {vmm} is not in {}: {pids:?}",
+                "{p} is not in {}: {pids:?}",
                 procs_path.display()
             );
         }
@@ -564,6 +576,14 @@ impl HostPath {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("before"), "written before the pod\n").unwrap();
         HostPath { dir }
+    }
+
+    /// The share servers (moat) serving the directory.
+    fn share_servers(&self) -> Vec<String> {
+        pids_with_env_or_arg(&self.dir.to_string_lossy())
+            .into_iter()
+            .filter(|p| p.contains(containerd_shim_moat_v1::share::SUBCOMMAND))
+            .collect()
     }
 
     fn mount(&self) -> Mount {
