@@ -105,6 +105,43 @@ fn a_share_reads_and_writes_the_host_directory_from_a_jail() {
         .unwrap();
     assert!(!denied.success());
 
+    // The rest of what the passthrough does, under the server's seccomp
+    // filter: listing, links, truncation, sync, modes, times, statfs.
+    let mut names: Vec<String> = fs::read_dir(mnt.join("made"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["by-1000", "moved"]);
+    std::os::unix::fs::symlink("moved", mnt.join("made/link")).unwrap();
+    assert_eq!(
+        fs::read_link(dir.join("made/link")).unwrap(),
+        Path::new("moved")
+    );
+    fs::hard_link(mnt.join("big"), mnt.join("big-too")).unwrap();
+    assert_eq!(fs::metadata(dir.join("big")).unwrap().nlink(), 2);
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("big-too"))
+        .unwrap();
+    f.set_len(5).unwrap();
+    f.sync_all().unwrap();
+    f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30))
+        .unwrap();
+    drop(f);
+    let big = fs::metadata(dir.join("big")).unwrap();
+    assert_eq!((big.len(), big.mtime()), (5, 1 << 30));
+    fs::set_permissions(mnt.join("big"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert_eq!(fs::metadata(dir.join("big")).unwrap().mode() & 0o777, 0o600);
+    let df = std::process::Command::new("stat")
+        .args(["-f", "-c", "%b"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(df.status.success(), "statfs: {df:?}");
+    let status = fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    assert!(status.contains("Seccomp:\t2"), "no filter:\n{status}");
+
     // The server's root is the shared directory itself (the same inode).
     let root = fs::metadata(format!("/proc/{}/root", server.pid())).unwrap();
     let shared = fs::metadata(&dir).unwrap();

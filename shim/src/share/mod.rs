@@ -9,6 +9,7 @@
 //! namespaces of its own and makes the shared directory its root, so a
 //! hostile guest's requests can name nothing outside it.
 
+pub mod seccomp;
 pub mod server;
 
 use std::io;

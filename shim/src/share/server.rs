@@ -5,7 +5,8 @@
 //! host (`/proc/self/fd`, for the passthrough's reopen by descriptor),
 //! then enters new mount and network namespaces and pivots into the shared
 //! directory, so `/` is that directory and nothing above it is reachable,
-//! whatever names the guest sends. [`serve`] is the request loop.
+//! whatever names the guest sends; then it installs its seccomp filter
+//! ([`super::seccomp`]). [`serve`] is the request loop.
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
@@ -53,6 +54,7 @@ pub fn main(args: &[OsString]) -> i32 {
         .and_then(|fs| jail(Path::new(dir)).map(|()| fs))
         .and_then(|fs| {
             fs.import()?;
+            super::seccomp::install()?;
             serve(conn, fs)
         });
     match result {
