@@ -141,6 +141,12 @@ fn a_share_reads_and_writes_the_host_directory_from_a_jail() {
     assert!(df.status.success(), "statfs: {df:?}");
     let status = fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
     assert!(status.contains("Seccomp:\t2"), "no filter:\n{status}");
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        assert!(
+            status.contains(&format!("{set}:\t00000000080000df")),
+            "{set}: not only the kept capabilities:\n{status}"
+        );
+    }
 
     // The server's root is the shared directory itself (the same inode).
     let root = fs::metadata(format!("/proc/{}/root", server.pid())).unwrap();

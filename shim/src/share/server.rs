@@ -15,6 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use caps::{CapSet, Capability, CapsHashSet};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader, Writer};
@@ -54,6 +55,7 @@ pub fn main(args: &[OsString]) -> i32 {
         .and_then(|fs| jail(Path::new(dir)).map(|()| fs))
         .and_then(|fs| {
             fs.import()?;
+            drop_capabilities()?;
             super::seccomp::install()?;
             serve(conn, fs)
         });
@@ -89,6 +91,37 @@ fn jail(dir: &Path) -> io::Result<()> {
     umount2(".", MntFlags::MNT_DETACH)?;
     nix::unistd::chdir("/")?;
     Ok(())
+}
+
+/// What the passthrough needs of root's capabilities: acting as each
+/// caller (SETUID, SETGID), owners and modes (CHOWN, FOWNER, FSETID),
+/// files whatever their mode (DAC_OVERRIDE: the guest kernel checked
+/// them), hard links of an open descriptor (DAC_READ_SEARCH: linkat with
+/// AT_EMPTY_PATH; the seccomp filter forbids open_by_handle_at, the other
+/// use of it), device nodes (MKNOD). Mask 0x80000df.
+pub const KEPT_CAPABILITIES: [Capability; 8] = [
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_DAC_READ_SEARCH,
+    Capability::CAP_FOWNER,
+    Capability::CAP_FSETID,
+    Capability::CAP_SETGID,
+    Capability::CAP_SETUID,
+    Capability::CAP_MKNOD,
+];
+
+/// Keeps only [`KEPT_CAPABILITIES`], for good (bounding set too): no
+/// CAP_SYS_ADMIN, CAP_NET_*, CAP_SYS_PTRACE or CAP_SYS_MODULE.
+fn drop_capabilities() -> io::Result<()> {
+    let keep: CapsHashSet = KEPT_CAPABILITIES.into_iter().collect();
+    let fail = |e: caps::errors::CapsError| io::Error::other(format!("capabilities: {e}"));
+    for c in caps::all().difference(&keep) {
+        caps::drop(None, CapSet::Bounding, *c).map_err(fail)?;
+    }
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(fail)?;
+    // Effective first: it must stay within the permitted set.
+    caps::set(None, CapSet::Effective, &keep).map_err(fail)?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(fail)
 }
 
 /// Answers FUSE requests read from `conn` until it closes. A request the
