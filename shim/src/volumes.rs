@@ -15,7 +15,8 @@
 //! Propagation: with the CRI default (`rprivate`) a mount made on the host
 //! below a source after the container was created is not followed (its
 //! directory keeps what the guest last had), as with a private bind;
-//! with `rslave` or `rshared` it is copied in.
+//! with `rslave` or `rshared` it is copied in, or, for a share, served
+//! (its server's jail is a slave of the host's mounts).
 //!
 //! The shim runs as root and reads paths that others may control, so:
 //! - a source is resolved once, when the container is created (a symlink
@@ -241,7 +242,11 @@ pub fn plan(spec: &mut Value, container_id: &str) -> Result<(Volumes, Vec<Item>)
                         source: e,
                     }
                 })?;
-            v.shares.push(Share { tag, dir });
+            v.shares.push(Share {
+                tag,
+                dir,
+                follow_host_mounts: follows_new_mounts(m),
+            });
             continue;
         }
         let rel = format!("{container_id}/m{i}");
@@ -741,15 +746,24 @@ mod tests {
         let mut spec = json!({"mounts": [
             {"destination": "/rw", "type": "bind", "source": t.join("rw"), "options": ["rbind", "rw"]},
             {"destination": "/ro", "type": "bind", "source": t.join("ro"), "options": ["rbind", "ro"]},
-            {"destination": "/file", "type": "bind", "source": t.join("file"), "options": ["rbind", "rw"]}
+            {"destination": "/file", "type": "bind", "source": t.join("file"), "options": ["rbind", "rw"]},
+            {"destination": "/slave", "type": "bind", "source": t.join("rw"), "options": ["rbind", "rslave", "rw"]}
         ]});
         let (vols, items) = plan(&mut spec, "c1").unwrap();
         assert_eq!(
             vols.shares,
-            [Share {
-                tag: "c1-m0".into(),
-                dir: t.join("rw")
-            }]
+            [
+                Share {
+                    tag: "c1-m0".into(),
+                    dir: t.join("rw"),
+                    follow_host_mounts: false,
+                },
+                Share {
+                    tag: "c1-m3".into(),
+                    dir: t.join("rw"),
+                    follow_host_mounts: true,
+                }
+            ]
         );
         let m = &spec["mounts"];
         assert_eq!(m[0]["source"], "/run/moat/shares/c1-m0");

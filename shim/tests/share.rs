@@ -7,7 +7,8 @@ use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 
 use containerd_shim_moat_v1::share::{Share, ShareServer};
 use moat_testutil::TempDir;
@@ -23,6 +24,46 @@ fn skip_reason() -> Option<&'static str> {
     None
 }
 
+/// Unmounts (lazily) when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A share server for `dir` and the guest's side of it: the FUSE mount at
+/// `mnt` and its relay. Dropping it unmounts.
+struct Served {
+    server: ShareServer,
+    relay: JoinHandle<std::io::Result<()>>,
+    _unmount: Unmount,
+}
+
+fn serve(dir: &Path, mnt: &Path, follow_host_mounts: bool, cgroup_procs: Vec<i32>) -> Served {
+    fs::create_dir_all(mnt).unwrap();
+    let (guest, host) = UnixStream::pair().unwrap();
+    let share = Share {
+        tag: "c1-m0".into(),
+        dir: dir.to_owned(),
+        follow_host_mounts,
+    };
+    let exe = Path::new(env!("CARGO_BIN_EXE_containerd-shim-moat-v1"));
+    let server = ShareServer::spawn(exe, &share, host, cgroup_procs).unwrap();
+    let dev = moat_agent::share::mount_fuse(mnt).unwrap();
+    let unmount = Unmount(mnt.to_owned());
+    let relay = std::thread::spawn(move || moat_protocol::relay::fuse(dev, guest));
+    // Answered once the server is jailed and serving (the root only: no
+    // name below it is looked up, and so cached, yet).
+    fs::metadata(mnt).unwrap();
+    Served {
+        server,
+        relay,
+        _unmount: unmount,
+    }
+}
+
 #[test]
 fn a_share_reads_and_writes_the_host_directory_from_a_jail() {
     if let Some(why) = skip_reason() {
@@ -35,30 +76,15 @@ fn a_share_reads_and_writes_the_host_directory_from_a_jail() {
     let dir = tmp.join("shared");
     let mnt = tmp.join("mnt");
     fs::create_dir_all(dir.join("sub")).unwrap();
-    fs::create_dir_all(&mnt).unwrap();
     fs::write(dir.join("sub/hello"), "from the host").unwrap();
 
-    let (guest, host) = UnixStream::pair().unwrap();
-    let share = Share {
-        tag: "c1-m0".into(),
-        dir: dir.clone(),
-    };
-    let exe = Path::new(env!("CARGO_BIN_EXE_containerd-shim-moat-v1"));
     // A plain file stands in for the pod cgroup's cgroup.procs.
     let procs_path = tmp.join("cgroup.procs");
     let procs = fs::File::create(&procs_path).unwrap();
-    let server = ShareServer::spawn(exe, &share, host, vec![procs.as_raw_fd()]).unwrap();
+    let served = serve(&dir, &mnt, false, vec![procs.as_raw_fd()]);
+    let server = &served.server;
     // It joined the pod's cgroup before exec (spawn returns after the exec).
     assert_eq!(fs::read_to_string(&procs_path).unwrap(), "0");
-    let dev = moat_agent::share::mount_fuse(&mnt).unwrap();
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
-        }
-    }
-    let _unmount = Unmount(&mnt);
-    let relay = std::thread::spawn(move || moat_protocol::relay::fuse(dev, guest));
 
     // Reads, writes, directories, renames and removals cross both ways.
     assert_eq!(
@@ -154,7 +180,64 @@ fn a_share_reads_and_writes_the_host_directory_from_a_jail() {
     assert_eq!((root.dev(), root.ino()), (shared.dev(), shared.ino()));
 
     // Stopping the server fails the mount's users at once.
+    let Served {
+        server,
+        relay,
+        _unmount,
+    } = served;
     drop(server);
     assert!(fs::read_dir(&mnt).is_err());
     relay.join().unwrap().unwrap();
+}
+
+/// A mount made on the host below a shared directory after its server
+/// started reaches the guest only when the volume asked for it (`rslave`,
+/// `rshared`), never with the default `rprivate`.
+#[test]
+fn a_share_follows_host_mounts_only_when_asked() {
+    if let Some(why) = skip_reason() {
+        eprintln!("!!! SKIPPED a_share_follows_host_mounts_only_when_asked: {why}");
+        return;
+    }
+    use nix::mount::{mount, MsFlags};
+    let tmp = TempDir::new("share-mounts");
+    let dir = tmp.join("shared");
+    fs::create_dir_all(dir.join("m")).unwrap();
+    // The directory as a shared mount of its own, as / is under systemd.
+    mount(
+        Some(&dir),
+        &dir,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let _shared = Unmount(dir.clone());
+    mount(
+        None::<&str>,
+        &dir,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .unwrap();
+    let private = serve(&dir, &tmp.join("private"), false, Vec::new());
+    let slave = serve(&dir, &tmp.join("slave"), true, Vec::new());
+
+    mount(
+        Some("tmpfs"),
+        &dir.join("m"),
+        Some("tmpfs"),
+        MsFlags::empty(),
+        None::<&str>,
+    )
+    .unwrap();
+    let _tmpfs = Unmount(dir.join("m"));
+    fs::write(dir.join("m/new"), "on a later mount").unwrap();
+    assert_eq!(
+        fs::read_to_string(tmp.join("slave/m/new")).unwrap(),
+        "on a later mount"
+    );
+    assert!(!tmp.join("private/m/new").exists());
+    drop((private, slave));
 }

@@ -22,6 +22,8 @@ use std::sync::Mutex;
 
 /// The shim's first argument that makes it a share server.
 pub const SUBCOMMAND: &str = "fs-serve";
+/// The server's flag for [`Share::follow_host_mounts`].
+pub const FOLLOW_HOST_MOUNTS: &str = "--follow-host-mounts";
 /// The descriptor the server finds its guest connection on.
 pub const CONNECTION_FD: i32 = 3;
 
@@ -32,6 +34,9 @@ pub struct Share {
     pub tag: String,
     /// The directory, resolved when the container was created.
     pub dir: PathBuf,
+    /// Whether mounts made on the host below `dir` later are served too
+    /// (`rslave`, `rshared`), or hidden (`rprivate`, the default).
+    pub follow_host_mounts: bool,
 }
 
 /// One running share server; dropping it stops it (the guest's mount then
@@ -54,10 +59,11 @@ impl ShareServer {
     ) -> io::Result<ShareServer> {
         let fd = conn.as_raw_fd();
         let mut cmd = Command::new(exe);
-        cmd.arg(SUBCOMMAND)
-            .arg(&share.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
+        cmd.arg(SUBCOMMAND).arg(&share.dir);
+        if share.follow_host_mounts {
+            cmd.arg(FOLLOW_HOST_MOUNTS);
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
         // No PR_SET_PDEATHSIG: it follows the thread that forked (a ttrpc
         // worker that may end long before the container), not the shim.
         // The server ends with its connection, which closes when the

@@ -23,7 +23,7 @@ use moat_protocol::relay::{read_fuse_message, MAX_FUSE_MESSAGE};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 
-use super::CONNECTION_FD;
+use super::{CONNECTION_FD, FOLLOW_HOST_MOUNTS};
 
 /// The smallest request: a whole `fuse_in_header`.
 const IN_HEADER: usize = 40;
@@ -42,17 +42,25 @@ pub fn filesystem(root: &str) -> io::Result<PassthroughFs> {
     })
 }
 
-/// The `fs-serve` process: `args` is the shared directory. Exits when the
-/// guest connection closes.
+/// The `fs-serve` process: `args` is the shared directory, then
+/// [`FOLLOW_HOST_MOUNTS`] or nothing. Exits when the guest connection
+/// closes.
 pub fn main(args: &[OsString]) -> i32 {
-    let [dir] = args else {
-        eprintln!("usage: containerd-shim-moat-v1 {} DIR", super::SUBCOMMAND);
-        return 2;
+    let (dir, follow) = match args {
+        [dir] => (dir, false),
+        [dir, flag] if flag == FOLLOW_HOST_MOUNTS => (dir, true),
+        _ => {
+            eprintln!(
+                "usage: containerd-shim-moat-v1 {} DIR [{FOLLOW_HOST_MOUNTS}]",
+                super::SUBCOMMAND
+            );
+            return 2;
+        }
     };
     // SAFETY: the shim handed this descriptor over for us to own.
     let conn = unsafe { UnixStream::from_raw_fd(CONNECTION_FD) };
     let result = filesystem("/")
-        .and_then(|fs| jail(Path::new(dir)).map(|()| fs))
+        .and_then(|fs| jail(Path::new(dir), follow).map(|()| fs))
         .and_then(|fs| {
             fs.import()?;
             drop_capabilities()?;
@@ -69,13 +77,21 @@ pub fn main(args: &[OsString]) -> i32 {
 }
 
 /// Makes `dir` this process's root in new mount and network namespaces.
-fn jail(dir: &Path) -> io::Result<()> {
+/// With `follow`, the namespace is a slave of the host's: a mount made on
+/// the host below `dir` later appears in it (and so to the guest), while
+/// nothing mounted here reaches the host; otherwise it is private.
+fn jail(dir: &Path, follow: bool) -> io::Result<()> {
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET)?;
+    let propagation = if follow {
+        MsFlags::MS_SLAVE
+    } else {
+        MsFlags::MS_PRIVATE
+    };
     mount(
         None::<&str>,
         "/",
         None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        MsFlags::MS_REC | propagation,
         None::<&str>,
     )?;
     // pivot_root wants a mount point: the directory bound onto itself.
