@@ -43,6 +43,8 @@ pub struct AgentState {
     /// Every call but Version and WaitProcess hangs while set.
     pub silent: AtomicBool,
     pub get_events: AtomicUsize,
+    /// RemoveContainer calls answered.
+    pub removes: AtomicUsize,
     /// How long CreateContainer takes.
     pub create_delay_ms: AtomicU64,
 }
@@ -140,6 +142,7 @@ impl agent_ttrpc::Agent for FakeAgent {
 
     fn remove_container(&self, _: &TtrpcContext, _: RemoveContainerRequest) -> Res<Empty> {
         self.0.hang_if_silent();
+        self.0.removes.fetch_add(1, Ordering::SeqCst);
         Ok(Empty::new())
     }
 

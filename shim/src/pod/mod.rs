@@ -161,6 +161,29 @@ impl Pod {
         }
     }
 
+    /// When `c` is the pod's only container and nothing is being created,
+    /// releases it and powers the VM off at once: removing it in the guest
+    /// first (its processes, mounts and cgroup) is guest-kernel work for a
+    /// VM about to die, seconds of it on a PVM host. Under `lifecycle`, so
+    /// a create that comes meanwhile boots a VM of its own. Whether it did.
+    pub(crate) fn stop_vm_if_last(&self, c: &Container) -> bool {
+        let _lifecycle = lock(&self.lifecycle);
+        {
+            let m = lock(&self.members);
+            let only_c = m.containers.len() == 1 && m.containers.contains_key(&c.id);
+            if !only_c || !m.creating.is_empty() {
+                return false;
+            }
+        }
+        let Some(vm) = lock(&self.vm).take() else {
+            return false;
+        };
+        // Its share servers end before the VM's host cgroup is removed.
+        c.release();
+        vm.stop();
+        true
+    }
+
     /// Creates a container: its rootfs, its disks in the VM (booting the
     /// VM for the first one), and the container in the guest.
     pub fn create(self: &Arc<Self>, req: CreateRequest) -> PodResult<Arc<Container>> {

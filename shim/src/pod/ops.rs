@@ -194,7 +194,9 @@ impl Pod {
     }
 
     /// Deletes a stopped (or never started) container; the VM goes with
-    /// the last one. A hung agent delays it by at most the control timeout.
+    /// the last one, whose removal in the guest is skipped (see
+    /// [`Pod::stop_vm_if_last`]). A hung agent delays it by at most the
+    /// control timeout.
     pub fn delete(&self, id: &str) -> PodResult<Exited> {
         let c = self.container(id)?;
         let s = c.init.state();
@@ -206,7 +208,9 @@ impl Pod {
         }
         let vm = lock(&self.vm).clone();
         if let Some(vm) = vm.filter(|vm| !vm.exited()) {
-            self.remove_in_guest(vm.as_ref(), &c);
+            if !self.stop_vm_if_last(&c) {
+                self.remove_in_guest(vm.as_ref(), &c);
+            }
         }
         if let Some(io) = c.init.io() {
             io.finish();

@@ -143,6 +143,36 @@ fn create_start_exec_kill_wait_delete() {
     );
 }
 
+/// Deleting a container that others outlive removes it in the guest; the
+/// last one's removal is skipped, since the VM is powered off with it, and
+/// its slots are released before.
+#[test]
+fn the_last_container_goes_with_the_vm_without_guest_teardown() {
+    let h = harness(FakeLauncher::default());
+    h.running("c1");
+    h.running("c2");
+    let vm = h.vm();
+    for id in ["c1", "c2"] {
+        h.pod.kill(id, "", 9, false).unwrap();
+        h.pod.wait(id, "").unwrap();
+    }
+    h.pod.delete("c1").unwrap();
+    assert_eq!(vm.state.removes.load(Ordering::SeqCst), 1);
+    assert!(!vm.stopped.load(Ordering::SeqCst));
+    h.pod.delete("c2").unwrap();
+    assert_eq!(
+        vm.state.removes.load(Ordering::SeqCst),
+        1,
+        "guest teardown of the last"
+    );
+    assert!(vm.stopped.load(Ordering::SeqCst));
+    assert!(vm.slots.lock().unwrap().iter().all(|u| *u == 0));
+    assert!(h.pod.is_empty());
+    // A later container boots a VM of its own.
+    h.running("c3");
+    assert!(!h.vm().stopped.load(Ordering::SeqCst));
+}
+
 #[test]
 fn bad_calls_get_clear_errors() {
     let h = harness(FakeLauncher::default());
