@@ -119,13 +119,6 @@ impl VmLauncher for SandboxLauncher {
                 let cgroup = match spec.host_cgroup {
                     HostCgroupPlan::At(path) => Some(path.clone()),
                     HostCgroupPlan::None => None,
-                    HostCgroupPlan::Unsupported(why) => {
-                        log::warn!(
-                            "sandbox {}: moat-vmm stays in the shim's cgroup: {why} is not supported",
-                            spec.grouping
-                        );
-                        None
-                    }
                 };
                 let host = HostPlacement { network, cgroup };
                 Sandbox::boot(

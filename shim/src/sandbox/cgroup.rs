@@ -9,10 +9,14 @@
 //! every mounted hierarchy, as runc does. It joins between fork and exec,
 //! so that nothing it allocates is charged to the shim's cgroup first.
 //!
-//! Only the cgroupfs driver's form of the path ("/parent/.../name") is
-//! honoured. The systemd driver's "slice:prefix:name" names a unit that
-//! systemd makes over D-Bus; then the VMM stays in the shim's cgroup, and
-//! the shim logs it.
+//! Both drivers' forms of the path are honoured. The cgroupfs driver's is
+//! "/parent/.../name". The systemd driver's is "slice:prefix:name" (what
+//! containerd gives when the pod's cgroup_parent is a slice): runc asks
+//! systemd over D-Bus for a scope unit there; moat makes the directory
+//! where systemd would put that scope (`a-b.slice` lies in
+//! `a.slice/a-b.slice`, the scope is `prefix-name.scope`), without D-Bus,
+//! so the pod slice's limits and accounting cover the VM. systemd does not
+//! know that scope as a unit of its own.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -34,6 +38,9 @@ pub enum CgroupPathError {
     /// A `..` component would leave the cgroup hierarchy.
     #[error("cgroupsPath {0:?} has a '..' component")]
     Escapes(String),
+    /// A systemd driver path that is not "slice:prefix:name".
+    #[error("cgroupsPath {0:?} is not a systemd slice:prefix:name")]
+    BadSystemd(String),
 }
 
 /// What a spec's `cgroupsPath` means for the VMM's host cgroup.
@@ -43,16 +50,12 @@ pub enum HostCgroupPlan {
     None,
     /// This path below each hierarchy's root.
     At(PathBuf),
-    /// A form moat does not place the VMM by (see the module's docs).
-    Unsupported(String),
 }
 
 /// Reads `cgroups_path` (`linux.cgroupsPath`).
 pub fn plan(cgroups_path: &str) -> Result<HostCgroupPlan, CgroupPathError> {
     if cgroups_path.contains(':') {
-        return Ok(HostCgroupPlan::Unsupported(format!(
-            "the systemd cgroup driver's {cgroups_path:?}"
-        )));
+        return systemd_path(cgroups_path).map(HostCgroupPlan::At);
     }
     let mut path = PathBuf::new();
     for part in cgroups_path
@@ -69,6 +72,47 @@ pub fn plan(cgroups_path: &str) -> Result<HostCgroupPlan, CgroupPathError> {
     } else {
         HostCgroupPlan::At(path)
     })
+}
+
+/// Where systemd puts the unit of "slice:prefix:name": the slice's path
+/// (each `-` opens a parent slice; `-.slice` is the root; an empty slice
+/// means `system.slice`, as for runc), then `prefix-name.scope` (or `name`
+/// itself when it is a slice).
+fn systemd_path(p: &str) -> Result<PathBuf, CgroupPathError> {
+    let bad = || CgroupPathError::BadSystemd(p.to_owned());
+    let name_ok = |s: &str| !s.is_empty() && !s.contains('/') && s != "." && s != "..";
+    let [slice, prefix, name] = p.split(':').collect::<Vec<_>>()[..] else {
+        return Err(bad());
+    };
+    if !name_ok(prefix) || !name_ok(name) {
+        return Err(bad());
+    }
+    let slice = if slice.is_empty() {
+        "system.slice"
+    } else {
+        slice
+    };
+    let stem = slice.strip_suffix(".slice").ok_or_else(bad)?;
+    let mut path = PathBuf::new();
+    if stem != "-" {
+        if !name_ok(stem) || stem.split('-').any(str::is_empty) {
+            return Err(bad());
+        }
+        let mut parent = String::new();
+        for part in stem.split('-') {
+            if !parent.is_empty() {
+                parent.push('-');
+            }
+            parent.push_str(part);
+            path.push(format!("{parent}.slice"));
+        }
+    }
+    if name.ends_with(".slice") {
+        path.push(name);
+    } else {
+        path.push(format!("{prefix}-{name}.scope"));
+    }
+    Ok(path)
 }
 
 /// One mounted cgroup hierarchy.
@@ -262,8 +306,40 @@ mod tests {
             plan("/a/../../etc"),
             Err(CgroupPathError::Escapes("/a/../../etc".into()))
         );
-        let systemd = plan("kubepods-pod1.slice:cri-containerd:abc").unwrap();
-        assert!(matches!(systemd, HostCgroupPlan::Unsupported(m) if m.contains("systemd")));
+    }
+
+    /// The systemd driver's "slice:prefix:name" lands where systemd puts
+    /// the scope; anything else of that form is refused.
+    #[test]
+    fn systemd_paths_are_where_systemd_puts_the_scope() {
+        let at = |p: &str| match plan(p).unwrap() {
+            HostCgroupPlan::At(path) => path.to_string_lossy().into_owned(),
+            other => panic!("{p}: {other:?}"),
+        };
+        assert_eq!(
+            at("kubepods-burstable-pod1.slice:cri-containerd:abc"),
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1.slice/cri-containerd-abc.scope"
+        );
+        assert_eq!(at("-.slice:moat:x"), "moat-x.scope");
+        assert_eq!(at(":docker:x"), "system.slice/docker-x.scope");
+        assert_eq!(at("a.slice:p:a-b.slice"), "a.slice/a-b.slice");
+        for bad in [
+            "a:b",
+            "a.slice:b:c:d",
+            "a.scope:p:x",
+            "a--b.slice:p:x",
+            "-a.slice:p:x",
+            "a.slice:p:..",
+            "a.slice:p:x/y",
+            "a/b.slice:p:x",
+            "a.slice::x",
+        ] {
+            assert_eq!(
+                plan(bad),
+                Err(CgroupPathError::BadSystemd(bad.into())),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
