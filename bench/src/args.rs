@@ -18,13 +18,24 @@ pub fn runs(v: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("--runs: not a positive number: {v:?}"))
 }
 
+/// `v` as a finite number.
+fn finite(v: &str) -> Option<f64> {
+    v.parse::<f64>().ok().filter(|x| x.is_finite())
+}
+
 /// A duration in (fractional) seconds for `flag`; 0 only if `allow_zero`.
 pub fn seconds(flag: &str, v: &str, allow_zero: bool) -> Result<Duration, String> {
-    v.parse::<f64>()
-        .ok()
-        .filter(|s| s.is_finite() && (*s > 0.0 || (allow_zero && *s == 0.0)))
+    finite(v)
+        .filter(|s| *s > 0.0 || (allow_zero && *s == 0.0))
         .map(Duration::from_secs_f64)
         .ok_or_else(|| format!("{flag}: not a number of seconds: {v:?}"))
+}
+
+/// A positive (fractional) number for `flag`.
+pub fn positive(flag: &str, v: &str) -> Result<f64, String> {
+    finite(v)
+        .filter(|x| *x > 0.0)
+        .ok_or_else(|| format!("{flag}: not a positive number: {v:?}"))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use nix::fcntl::OFlag;
 use nix::mount::{MntFlags, MsFlags};
@@ -225,7 +225,7 @@ pub fn spawn(plan: &ChildPlan, stdio: ChildStdio) -> Result<Spawned> {
         .iter()
         .position(|(_, f)| *f == CloneFlags::CLONE_NEWPID)
         .map(|i| ns_fds.remove(i).0);
-    let new_pid_ns = new_namespaces(plan).contains(CloneFlags::CLONE_NEWPID);
+    let new_pid_ns = parts.new_namespaces.contains(CloneFlags::CLONE_NEWPID);
     let children_pid_ns = ChildrenPidNs::enter(pid_ns.as_ref(), new_pid_ns)?;
 
     // SAFETY: fork is async-signal-safe; the child only runs `child_main`,
@@ -286,7 +286,16 @@ pub fn spawn(plan: &ChildPlan, stdio: ChildStdio) -> Result<Spawned> {
 /// hundreds of milliseconds of emulated guest kernel on a PVM host. Only
 /// this thread is affected; dropping this moves it back.
 struct ChildrenPidNs {
-    own: Option<File>,
+    own: Option<&'static File>,
+}
+
+/// The agent's own pid namespace, opened once: it never changes, and each
+/// open is emulated guest-kernel work on a PVM host.
+fn own_pid_ns() -> Result<&'static File> {
+    static OWN: OnceLock<std::result::Result<File, String>> = OnceLock::new();
+    OWN.get_or_init(|| File::open("/proc/self/ns/pid").map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| AgentError::Spawn(format!("opening our pid namespace: {e}")))
 }
 
 impl ChildrenPidNs {
@@ -296,8 +305,7 @@ impl ChildrenPidNs {
         if join.is_none() && !new {
             return Ok(ChildrenPidNs { own: None });
         }
-        let own =
-            File::open("/proc/thread-self/ns/pid").ctx(|| "opening our pid namespace".into())?;
+        let own = own_pid_ns()?;
         match join {
             Some(f) => nix::sched::setns(f.as_fd(), CloneFlags::CLONE_NEWPID)
                 .ctx(|| "entering the container's pid namespace".into())?,
@@ -310,7 +318,7 @@ impl ChildrenPidNs {
 
 impl Drop for ChildrenPidNs {
     fn drop(&mut self) {
-        let Some(own) = &self.own else { return };
+        let Some(own) = self.own else { return };
         // Entering one's own active pid namespace needs only the
         // CAP_SYS_ADMIN the agent has. Should it fail, this thread's next
         // child would be born in another container's namespace: stop.
@@ -425,7 +433,7 @@ fn child_main(
         nix::sched::setns(f.as_fd(), *flag).map_err(|e| errno_str("setns", e))?;
     }
     drop(ns_fds);
-    let new = new_namespaces(plan) - CloneFlags::CLONE_NEWPID;
+    let new = parts.new_namespaces - CloneFlags::CLONE_NEWPID;
     if !new.is_empty() {
         LinuxSyscall
             .unshare(new)
@@ -888,10 +896,13 @@ fn install_seccomp(plan: &ChildPlan) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// What the exec needs that can be made before fork: the child then
-/// neither allocates nor parses (each page it writes is a copy-on-write
-/// fault, emulated on a PVM host).
+/// What the child needs that can be made before fork: it then neither
+/// allocates nor parses (each page it writes is a copy-on-write fault,
+/// emulated on a PVM host).
 struct ExecParts {
+    /// The namespaces made for the process (the pid one by the agent's
+    /// thread, before fork; the others by the child).
+    new_namespaces: CloneFlags,
     args: Vec<CString>,
     env: Vec<String>,
     envc: Vec<CString>,
@@ -909,6 +920,7 @@ impl ExecParts {
         };
         let env = build_env(&p.env, &plan.extra_env);
         Ok(ExecParts {
+            new_namespaces: new_namespaces(plan),
             args: cstrings(&p.args, "args")?,
             envc: cstrings(&env, "env")?,
             env,

@@ -252,7 +252,7 @@ fn main() {
             case("sysctls", &b, scenarios::sysctls),
             case(
                 "own_network_namespace",
-                &a,
+                &b,
                 scenarios::own_network_namespace,
             ),
             case("big_output (8 MiB)", &b, scenarios::big_output),

@@ -97,13 +97,6 @@ pub struct Opts {
     pub params: Params,
 }
 
-fn scale(v: &str) -> Result<f64, String> {
-    match v.parse::<f64>() {
-        Ok(s) if s.is_finite() && s > 0.0 => Ok(s),
-        _ => Err(format!("--scale: not a positive number: {v:?}")),
-    }
-}
-
 fn count(flag: &str, v: &str) -> Result<usize, String> {
     v.parse()
         .map_err(|_| format!("{flag}: not a number: {v:?}"))
@@ -145,7 +138,7 @@ pub fn parse_args(a: &[String]) -> Result<Opts, String> {
             "--moat-bin" => o.moat_bin = Some(val()?.into()),
             "--moat-config" => o.moat_config = Some(val()?.into()),
             "--reps" => p.reps = args::runs(&val()?)? as u32,
-            "--scale" => p.scale = scale(&val()?)?,
+            "--scale" => p.scale = args::positive(f, &val()?)?,
             "--cold" => p.cold_runs = count(f, &val()?)?,
             "--storm" => p.storm = count(f, &val()?)?.max(2),
             "--stress-secs" => p.stress_seconds = args::seconds(f, &val()?, false)?.as_secs_f64(),

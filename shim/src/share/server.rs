@@ -115,7 +115,7 @@ fn jail(dir: &Path, follow: bool) -> io::Result<()> {
 /// them), hard links of an open descriptor (DAC_READ_SEARCH: linkat with
 /// AT_EMPTY_PATH; the seccomp filter forbids open_by_handle_at, the other
 /// use of it), device nodes (MKNOD). Mask 0x80000df.
-pub const KEPT_CAPABILITIES: [Capability; 8] = [
+const KEPT_CAPABILITIES: [Capability; 8] = [
     Capability::CAP_CHOWN,
     Capability::CAP_DAC_OVERRIDE,
     Capability::CAP_DAC_READ_SEARCH,
