@@ -12,6 +12,9 @@ pub const VM: &str = "/vm";
 pub const PAUSE: &str = "/vm/pause";
 /// `PUT`: restart them.
 pub const RESUME: &str = "/vm/resume";
+/// `PUT`, with the template file passed open (read-write): save the paused
+/// VM into it. The VM serves nothing afterwards; shut it down.
+pub const SNAPSHOT: &str = "/vm/snapshot";
 /// `PUT` a [`ShutdownRequest`]: stop the guest, then the process.
 pub const SHUTDOWN: &str = "/vm/shutdown";
 /// `PUT` a [`BlockRequest`] to `/block/<id>`: fill or replace block

@@ -73,6 +73,7 @@ impl VmConfig {
                 "--jail-rw" => jail.read_write.push(value("--jail-rw")?.into()),
                 "--jail-ro" => jail.read_only.push(value("--jail-ro")?.into()),
                 "--jail-no-landlock" => jail.allow_no_landlock = true,
+                "--restore" => cfg.restore = Some(value("--restore")?.into()),
                 other => return Err(ConfigError::Cli(format!("unknown flag {other:?}"))),
             }
         }

@@ -126,6 +126,18 @@ impl ApiClient {
         self.request("PUT", api::RESUME, "", None)?.into_result()
     }
 
+    /// `PUT /vm/snapshot`, with `template` (open for writing) passed along.
+    /// The exchange's deadline is that of a shutdown's longest wait: the
+    /// VMM writes all guest memory before it answers.
+    pub fn snapshot(&self, template: BorrowedFd<'_>) -> Result<VmInfo, ClientError> {
+        let client = self
+            .clone()
+            .with_timeout(self.timeout + ShutdownRequest::MAX_TIMEOUT);
+        client
+            .request("PUT", api::SNAPSHOT, "", Some(template))?
+            .into_result()
+    }
+
     /// `PUT /vm/shutdown`. The exchange's deadline is extended by the
     /// request's own wait.
     pub fn shutdown(&self, request: &ShutdownRequest) -> Result<VmInfo, ClientError> {

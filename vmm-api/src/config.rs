@@ -241,6 +241,11 @@ pub struct VmConfig {
     /// stderr, when that is a file): past it the older half is dropped.
     #[serde(default = "default_log_max_bytes")]
     pub log_max_bytes: u64,
+    /// A template file (written by `PUT /vm/snapshot`) to start from
+    /// instead of booting; the rest of the configuration must describe a
+    /// VM of the template's shape (see API.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<PathBuf>,
 }
 
 impl VmConfig {
@@ -262,6 +267,7 @@ impl VmConfig {
             seccomp: true,
             jail: None,
             log_max_bytes: DEFAULT_LOG_MAX_BYTES,
+            restore: None,
         }
     }
 
@@ -291,6 +297,9 @@ impl VmConfig {
         check_readable("kernel", &self.kernel)?;
         if let Some(initramfs) = &self.initramfs {
             check_readable("initramfs", initramfs)?;
+        }
+        if let Some(template) = &self.restore {
+            check_readable("template", template)?;
         }
         Ok(())
     }

@@ -24,5 +24,6 @@ pub mod layout;
 pub mod logger;
 pub mod privileges;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vmm;
 pub mod vstate;

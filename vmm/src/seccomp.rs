@@ -84,9 +84,43 @@ impl ThreadKind {
 
 /// KVM's ioctl requests; a private module, as the macro makes a `pub fn`.
 mod ioctls {
-    use vmm_sys_util::ioctl_io_nr;
+    use kvm_bindings::*;
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
 
-    ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+    ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+    // What `PUT /vm/snapshot` reads (`crate::vstate::snapshot`).
+    ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+    ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+
+    /// Every request a snapshot makes.
+    pub fn snapshot() -> Vec<u64> {
+        vec![
+            KVM_GET_REGS(),
+            KVM_GET_SREGS(),
+            KVM_GET_MSRS(),
+            KVM_GET_FPU(),
+            KVM_GET_LAPIC(),
+            KVM_GET_MP_STATE(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+            KVM_GET_IRQCHIP(),
+            KVM_GET_CLOCK(),
+            KVM_GET_PIT2(),
+        ]
+    }
 }
 use ioctls::KVM_RUN;
 
@@ -156,7 +190,8 @@ const MAIN: &[i64] = &[libc::SYS_unlink, libc::SYS_unlinkat, libc::SYS_fsync];
 const VCPU: &[i64] = &[libc::SYS_ioctl];
 
 /// Serving the API: accepting clients, receiving or opening a replacement
-/// disk file.
+/// disk file, saving the VM into a template file passed open (the KVM
+/// reads, then the file written sparse and synced).
 const API: &[i64] = &[
     libc::SYS_setsockopt,
     libc::SYS_accept4,
@@ -165,6 +200,7 @@ const API: &[i64] = &[
     libc::SYS_sendto,
     libc::SYS_openat,
     libc::SYS_fsync,
+    libc::SYS_ioctl,
 ];
 
 /// Disk I/O.
@@ -211,6 +247,7 @@ fn own_calls(kind: ThreadKind) -> &'static [&'static [i64]] {
 fn own_ioctls(kind: ThreadKind) -> Vec<u64> {
     match kind {
         ThreadKind::Vcpu => vec![KVM_RUN()],
+        ThreadKind::Api => ioctls::snapshot(),
         // Accepted host streams are made non-blocking (std uses FIONBIO).
         ThreadKind::Vsock => vec![libc::FIONBIO],
         _ => Vec::new(),

@@ -20,13 +20,15 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{ApiError, ApiServer, VmControl};
 use crate::arch::{boot, mptable};
 use crate::capped_file::CappedFile;
-use crate::devices::legacy::{BootTimer, SerialDevice, I8042};
+use crate::devices::legacy::{BootTimer, SerialDevice, SerialState, I8042};
 use crate::devices::virtio::block::BlockSource;
 use crate::devices::virtio::{self, MmioTransport, VirtioDevice};
 use crate::devices::Bus;
 use crate::layout::*;
 use crate::seccomp::{self, ThreadKind};
-use crate::vstate::{ExitCode, Vcpus, Vm};
+use crate::snapshot::{SavedVm, Shape, Template, TemplateError};
+use crate::vstate::snapshot::VmState as KvmVmState;
+use crate::vstate::{ExitCode, VcpuStart, Vcpus, Vm};
 use moat_vmm_api::{SerialOutput, VmConfig, VmInfo, VmState};
 
 /// Why the VMM could not build or start a VM; `main` exits with code 1 on any of them.
@@ -83,6 +85,18 @@ pub enum VmmError {
     /// A device's range could not be put on a bus.
     #[error(transparent)]
     Bus(#[from] crate::devices::BusError),
+    /// The template to restore from cannot be used.
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// The template's KVM state was refused by this VM.
+    #[error("Cannot restore the template's VM state")]
+    RestoreKvm(#[source] crate::vstate::snapshot::SnapshotError),
+    /// A template's device could not be restored; holds its index.
+    #[error("Cannot restore the template's device {0}")]
+    RestoreDevice(usize, #[source] virtio::mmio::RestoreError),
+    /// The template holds another number of devices than the VM.
+    #[error("The template has {0} devices, the VM {1}")]
+    RestoreDeviceCount(usize, usize),
 }
 
 /// Host memory in MiB, for the memory-size check.
@@ -218,6 +232,45 @@ struct Controller {
     i8042: Arc<Mutex<I8042>>,
     blocks: BlockHandles,
     boot_time_us: Arc<Mutex<Option<u64>>>,
+    /// What a snapshot saves besides the vCPUs.
+    template: TemplateParts,
+    /// Set once the VM was saved: its devices are stopped for good.
+    saved: Mutex<bool>,
+}
+
+/// The parts of a VM that `PUT /vm/snapshot` saves besides the vCPUs.
+struct TemplateParts {
+    vm: Arc<Vm>,
+    shape: Shape,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+impl TemplateParts {
+    /// Saves the paused VM in `vcpus` to `file`. Device workers are stopped
+    /// first, so guest memory is still when it is written.
+    fn save(&self, vcpus: &Vcpus, file: &File) -> Result<(), ApiError> {
+        let internal = |e: &dyn std::error::Error| ApiError::Internal(moat_crash::error_chain(e));
+        let vcpu_states = vcpus.save().map_err(|e| internal(&e))?;
+        let vm = KvmVmState::save(&self.vm.fd).map_err(|e| internal(&e))?;
+        let transports = self
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).save())
+            .collect();
+        let saved = SavedVm {
+            shape: self.shape.clone(),
+            vm,
+            vcpus: vcpu_states,
+            transports,
+            serial: self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state(),
+        };
+        crate::snapshot::write(file, &saved, &self.vm.mem).map_err(|e| internal(&e))
+    }
 }
 
 impl VmControl for Controller {
@@ -239,7 +292,30 @@ impl VmControl for Controller {
     }
 
     fn resume(&self) -> Result<(), ApiError> {
+        if *self.saved.lock().unwrap() {
+            return Err(ApiError::Conflict(
+                "The VM was saved as a template and its devices are stopped: shut it down".into(),
+            ));
+        }
         self.vcpus.resume();
+        Ok(())
+    }
+
+    fn snapshot(&self, file: File) -> Result<(), ApiError> {
+        let mut saved = self.saved.lock().unwrap();
+        if *saved {
+            return Err(ApiError::Conflict("The VM was saved already".into()));
+        }
+        if !self.vcpus.is_paused() {
+            return Err(ApiError::Conflict("Pause the VM before saving it".into()));
+        }
+        *saved = true;
+        let started = Instant::now();
+        self.template.save(&self.vcpus, &file)?;
+        log::info!(
+            "VM saved as a template in {} ms",
+            started.elapsed().as_millis()
+        );
         Ok(())
     }
 
@@ -302,9 +378,18 @@ fn termination_signalfd() -> Result<File, VmmError> {
     }
 }
 
-/// Boots the VM described by `cfg` and runs it until the guest stops.
+/// Boots the VM described by `cfg` (or restores it from `cfg.restore`)
+/// and runs it until the guest stops.
 pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
     cfg.validate(host_memory_mib())?;
+    let template = match &cfg.restore {
+        Some(path) => {
+            let template = Template::open(path)?;
+            template.check_shape(&cfg)?;
+            Some(template)
+        }
+        None => None,
+    };
     let serial_out = serial_output(&cfg.serial, cfg.log_max_bytes)?;
     crate::logger::cap_stderr_file(cfg.log_max_bytes).map_err(VmmError::LogFile)?;
     let filters = if cfg.seccomp {
@@ -314,24 +399,21 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
     };
     let (devices, blocks) = create_devices(&cfg, filters.as_ref())?;
 
-    let vm = Vm::new(
-        Path::new("/dev/kvm"),
-        &boot::memory_regions(cfg.memory_mib << 20),
-        cfg.vcpus,
-    )?;
-    let kernel = boot::load_kernel(&vm.mem, &cfg.kernel)?;
-    let initramfs = match &cfg.initramfs {
-        Some(path) => Some(boot::load_initramfs(&vm.mem, path, &kernel)?),
-        None => None,
+    let regions = boot::memory_regions(cfg.memory_mib << 20);
+    let kvm = Path::new("/dev/kvm");
+    let vm = Arc::new(match &template {
+        Some(t) => Vm::with_memory(kvm, t.map_memory(&regions)?, cfg.vcpus)?,
+        None => Vm::new(kvm, &regions, cfg.vcpus)?,
+    });
+    let entry = match &template {
+        Some(_) => None,
+        None => Some(load_guest(&cfg, &vm, devices.len() as u32)?),
     };
-    let cmdline = kernel_cmdline(&cfg, vm.host, devices.len() as u32);
-    log::debug!("Kernel command line: {cmdline}");
-    boot::write_boot_params(&vm.mem, &kernel, &cmdline, initramfs)?;
-    mptable::setup_mptable(&vm.mem, cfg.vcpus)?;
 
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
-    let legacy = attach_legacy_devices(&vm, &mut pio, serial_out, start)?;
+    let serial_state = template.as_ref().map(|t| &t.saved.serial);
+    let legacy = attach_legacy_devices(&vm, &mut pio, serial_out, serial_state, start)?;
     let activate_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     let transports = attach_devices(&vm, &mut mmio, devices, &activate_evt)?;
 
@@ -343,14 +425,25 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
 
     // Everything the VM needs is open: no capability is needed from here on.
     crate::privileges::drop_privileges(cfg.jail.as_ref())?;
+    // A restored device starts its worker at once: only now, so that no
+    // thread keeps a capability.
+    let how = match (&template, entry) {
+        (Some(t), _) => {
+            restore_state(&vm, t, &transports)?;
+            VcpuStart::Restore(&t.saved.vcpus)
+        }
+        (None, Some(entry)) => VcpuStart::Boot(entry),
+        (None, None) => unreachable!("a VM without a template loads its kernel"),
+    };
     let vcpus = Arc::new(Vcpus::start(
         &vm,
         cfg.vcpus,
-        kernel.entry,
+        how,
         pio,
         mmio,
         filters.as_ref().map(|f| f.get(ThreadKind::Vcpu)),
     )?);
+    drop(template);
     log::info!("Guest started after {} us", start.elapsed().as_micros());
 
     let ctl = Controller {
@@ -358,8 +451,15 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
         i8042: legacy.i8042,
         blocks,
         boot_time_us: legacy.boot_time_us,
+        template: TemplateParts {
+            vm: vm.clone(),
+            shape: Shape::of(&cfg),
+            transports: transports.clone(),
+            serial: legacy.serial,
+        },
+        saved: Mutex::new(false),
     };
-    let _api = start_api(api_listener, ctl, filters.as_ref())?;
+    let api = start_api(api_listener, ctl, filters.as_ref())?;
     if let Some(f) = &filters {
         seccomp::apply(&f.get(ThreadKind::Main))?;
     }
@@ -375,14 +475,62 @@ pub fn run(cfg: VmConfig, start: Instant) -> Result<ExitCode, VmmError> {
     };
     let code = events.run();
     vcpus.stop();
+    // The API thread ends first, so that the devices it can reach are
+    // dropped here, under this thread's filter, with the event loop's
+    // (the buses' were in the vCPU threads, now joined): their workers are
+    // joined and their sockets removed.
+    drop(api);
+    drop(events);
     log::info!(
         "VM stopped after {} ms with exit code {}",
         start.elapsed().as_millis(),
         code as i32
     );
     Ok(code)
-    // `_api`, then the devices (held by the buses inside the vCPU threads,
-    // now joined) drop here: their threads are joined and sockets removed.
+}
+
+/// Loads the kernel, initramfs, boot parameters and MP table of a fresh
+/// boot; returns the kernel's entry point.
+fn load_guest(
+    cfg: &VmConfig,
+    vm: &Vm,
+    num_devices: u32,
+) -> Result<crate::arch::regs::EntryPoint, VmmError> {
+    let kernel = boot::load_kernel(&vm.mem, &cfg.kernel)?;
+    let initramfs = match &cfg.initramfs {
+        Some(path) => Some(boot::load_initramfs(&vm.mem, path, &kernel)?),
+        None => None,
+    };
+    let cmdline = kernel_cmdline(cfg, vm.host, num_devices);
+    log::debug!("Kernel command line: {cmdline}");
+    boot::write_boot_params(&vm.mem, &kernel, &cmdline, initramfs)?;
+    mptable::setup_mptable(&vm.mem, cfg.vcpus)?;
+    Ok(kernel.entry)
+}
+
+/// Writes a template's interrupt controllers, clock and devices into the
+/// new VM; the vCPUs follow in [`Vcpus::start`].
+fn restore_state(
+    vm: &Vm,
+    template: &Template,
+    transports: &[Arc<Mutex<MmioTransport>>],
+) -> Result<(), VmmError> {
+    let saved = &template.saved;
+    saved.vm.restore(&vm.fd).map_err(VmmError::RestoreKvm)?;
+    if saved.transports.len() != transports.len() {
+        return Err(VmmError::RestoreDeviceCount(
+            saved.transports.len(),
+            transports.len(),
+        ));
+    }
+    for (index, (transport, state)) in transports.iter().zip(&saved.transports).enumerate() {
+        transport
+            .lock()
+            .unwrap()
+            .restore(state)
+            .map_err(|e| VmmError::RestoreDevice(index, e))?;
+    }
+    Ok(())
 }
 
 /// Starts the API thread on `listener` (bound to its path), if any.
@@ -405,6 +553,7 @@ fn start_api(
 
 /// The port-I/O devices, as the rest of the VMM sees them.
 struct Legacy {
+    serial: Arc<Mutex<SerialDevice>>,
     i8042: Arc<Mutex<I8042>>,
     /// Written when the guest resets the machine through the i8042.
     reset_evt: EventFd,
@@ -412,21 +561,23 @@ struct Legacy {
     boot_time_us: Arc<Mutex<Option<u64>>>,
 }
 
-/// Puts the serial port (writing to `serial_out`), the i8042 and the boot
-/// timer (counting from `start`) on `pio`, their interrupts wired to KVM.
+/// Puts the serial port (writing to `serial_out`, with a template's
+/// registers if given), the i8042 and the boot timer (counting from
+/// `start`) on `pio`, their interrupts wired to KVM.
 fn attach_legacy_devices(
     vm: &Vm,
     pio: &mut Bus,
     serial_out: Box<dyn Write + Send>,
+    serial_state: Option<&SerialState>,
     start: Instant,
 ) -> Result<Legacy, VmmError> {
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     vm.register_irqfd(&serial_irq, SERIAL_IRQ)?;
-    pio.insert(
-        Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out))),
-        SERIAL_PORT,
-        8,
-    )?;
+    let serial = Arc::new(Mutex::new(match serial_state {
+        Some(state) => SerialDevice::from_state(state, serial_irq, serial_out),
+        None => SerialDevice::new(serial_irq, serial_out),
+    }));
+    pio.insert(serial.clone(), SERIAL_PORT, 8)?;
     let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::EventFd)?;
     vm.register_irqfd(&kbd_irq, 1)?;
@@ -439,6 +590,7 @@ fn attach_legacy_devices(
     let boot_time_us = timer.elapsed_handle();
     pio.insert(Arc::new(Mutex::new(timer)), BOOT_TIMER_PORT, 1)?;
     Ok(Legacy {
+        serial,
         i8042,
         reset_evt,
         boot_time_us,

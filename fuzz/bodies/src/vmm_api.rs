@@ -61,6 +61,10 @@ impl VmControl for FakeVm {
         Ok(())
     }
 
+    fn snapshot(&self, _template: std::fs::File) -> Result<(), ApiError> {
+        Ok(())
+    }
+
     fn replace_block(&self, id: &str, _: BlockSource, _: bool) -> Result<(), ApiError> {
         match id {
             "disk0" => Ok(()),

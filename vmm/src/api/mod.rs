@@ -36,6 +36,9 @@ pub trait VmControl: Send + Sync {
     /// guest learns the new capacity from a config-change interrupt.
     fn replace_block(&self, id: &str, source: BlockSource, read_only: bool)
         -> Result<(), ApiError>;
+    /// Saves the paused VM as a template into `file`; the VM serves nothing
+    /// afterwards.
+    fn snapshot(&self, file: std::fs::File) -> Result<(), ApiError>;
 }
 
 /// Why an API call failed; each variant maps to one HTTP status.
@@ -95,6 +98,16 @@ fn block_source(req: BlockRequest, mut fds: Vec<OwnedFd>) -> Result<BlockSource,
     }
 }
 
+/// The one descriptor a request that writes a file must come with.
+fn one_file(mut fds: Vec<OwnedFd>) -> Result<std::fs::File, ApiError> {
+    match fds.len() {
+        1 => Ok(std::fs::File::from(fds.remove(0))),
+        n => Err(ApiError::BadRequest(format!(
+            "Pass the template file open with the request: one descriptor, not {n}"
+        ))),
+    }
+}
+
 fn shutdown_timeout(req: ShutdownRequest) -> Result<Duration, ApiError> {
     req.timeout().ok_or_else(|| {
         ApiError::BadRequest(format!(
@@ -120,6 +133,7 @@ pub fn handle(ctl: &dyn VmControl, req: &Request, fds: Vec<OwnedFd>) -> (u16, se
         ("GET", wire::VM) => return (200, info(ctl)),
         ("PUT", wire::PAUSE) => ctl.pause(),
         ("PUT", wire::RESUME) => ctl.resume(),
+        ("PUT", wire::SNAPSHOT) => one_file(fds).and_then(|file| ctl.snapshot(file)),
         ("PUT", wire::SHUTDOWN) => body::<ShutdownRequest>(req)
             .and_then(shutdown_timeout)
             .and_then(|timeout| ctl.shutdown(timeout)),
@@ -129,7 +143,7 @@ pub fn handle(ctl: &dyn VmControl, req: &Request, fds: Vec<OwnedFd>) -> (u16, se
                 let id = &path[wire::BLOCK_PREFIX.len()..];
                 ctl.replace_block(id, block_source(b, fds)?, read_only)
             }),
-        (_, wire::VM | wire::PAUSE | wire::RESUME | wire::SHUTDOWN) => {
+        (_, wire::VM | wire::PAUSE | wire::RESUME | wire::SHUTDOWN | wire::SNAPSHOT) => {
             return (
                 405,
                 json!({ "error": format!("{} is not allowed on {}", req.method, req.path) }),
@@ -299,6 +313,10 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push(format!("shutdown {}", t.as_millis()));
+            Ok(())
+        }
+        fn snapshot(&self, _file: std::fs::File) -> Result<(), ApiError> {
+            self.calls.lock().unwrap().push("snapshot".into());
             Ok(())
         }
         fn replace_block(&self, id: &str, source: BlockSource, ro: bool) -> Result<(), ApiError> {

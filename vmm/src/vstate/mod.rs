@@ -4,5 +4,5 @@ pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 
-pub use vcpu::{ExitCode, VcpuError, Vcpus};
+pub use vcpu::{ExitCode, VcpuError, VcpuStart, Vcpus};
 pub use vm::{Vm, VmError};

@@ -5,9 +5,9 @@
 //!
 //! This is the KVM half of a VM template: boot once, stop the vCPUs, save
 //! this with guest memory and device state, and start later VMs from it.
-//! The device half and the file format are still to come. On this project's
-//! PVM hosts every get/set pair used here works (the tests run a guest,
-//! save it and go on running it in a second VM).
+//! The device half and the file format are in `crate::snapshot`. On this
+//! project's PVM hosts every get/set pair used here works (the tests run a
+//! guest, save it and go on running it in a second VM).
 
 use kvm_bindings::{
     kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
@@ -15,6 +15,7 @@ use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 
 /// Why saving or restoring KVM state failed.
 #[derive(Debug, thiserror::Error)]
@@ -60,14 +61,62 @@ pub fn msr_indices(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// `kvm_fpu`, which kvm-bindings does not serialize, field by field.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+struct FpuState {
+    fpr: [[u8; 16]; 8],
+    fcw: u16,
+    fsw: u16,
+    ftwx: u8,
+    last_opcode: u16,
+    last_ip: u64,
+    last_dp: u64,
+    xmm: [[u8; 16]; 16],
+    mxcsr: u32,
+}
+
+impl From<kvm_fpu> for FpuState {
+    fn from(f: kvm_fpu) -> Self {
+        Self {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+        }
+    }
+}
+
+impl From<FpuState> for kvm_fpu {
+    fn from(f: FpuState) -> Self {
+        kvm_fpu {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+            ..Default::default()
+        }
+    }
+}
+
 /// One vCPU's saved state.
+#[derive(Serialize, Deserialize)]
 pub struct VcpuState {
     regs: kvm_regs,
     sregs: kvm_sregs,
-    fpu: kvm_fpu,
+    fpu: FpuState,
     xsave: kvm_xsave,
     xcrs: kvm_xcrs,
-    msrs: Msrs,
+    msrs: Vec<kvm_msr_entry>,
     lapic: kvm_lapic_state,
     events: kvm_vcpu_events,
     mp_state: kvm_mp_state,
@@ -100,12 +149,12 @@ impl VcpuState {
             });
         }
         Ok(Self {
+            msrs: msrs.as_slice().to_vec(),
             regs: vcpu.get_regs().map_err(e("KVM_GET_REGS"))?,
             sregs: vcpu.get_sregs().map_err(e("KVM_GET_SREGS"))?,
-            fpu: vcpu.get_fpu().map_err(e("KVM_GET_FPU"))?,
+            fpu: vcpu.get_fpu().map_err(e("KVM_GET_FPU"))?.into(),
             xsave: vcpu.get_xsave().map_err(e("KVM_GET_XSAVE"))?,
             xcrs: vcpu.get_xcrs().map_err(e("KVM_GET_XCRS"))?,
-            msrs,
             lapic: vcpu.get_lapic().map_err(e("KVM_GET_LAPIC"))?,
             events: vcpu.get_vcpu_events().map_err(e("KVM_GET_VCPU_EVENTS"))?,
             mp_state: vcpu.get_mp_state().map_err(e("KVM_GET_MP_STATE"))?,
@@ -123,7 +172,7 @@ impl VcpuState {
             .map_err(e("KVM_SET_MP_STATE"))?;
         vcpu.set_sregs(&self.sregs).map_err(e("KVM_SET_SREGS"))?;
         vcpu.set_regs(&self.regs).map_err(e("KVM_SET_REGS"))?;
-        vcpu.set_fpu(&self.fpu).map_err(e("KVM_SET_FPU"))?;
+        vcpu.set_fpu(&self.fpu.into()).map_err(e("KVM_SET_FPU"))?;
         // SAFETY: KVM reads more than this 4 KiB area only for dynamically
         // enabled features (AMX), which moat never grants its VMM process;
         // `self.xsave` came from KVM_GET_XSAVE on this host.
@@ -131,8 +180,13 @@ impl VcpuState {
         vcpu.set_xcrs(&self.xcrs).map_err(e("KVM_SET_XCRS"))?;
         vcpu.set_debug_regs(&self.debug_regs)
             .map_err(e("KVM_SET_DEBUGREGS"))?;
-        let asked = self.msrs.as_slice().len();
-        let done = vcpu.set_msrs(&self.msrs).map_err(e("KVM_SET_MSRS"))?;
+        let asked = self.msrs.len();
+        let msrs = Msrs::from_entries(&self.msrs).map_err(|_| SnapshotError::Msrs {
+            what: "wrote",
+            done: 0,
+            asked,
+        })?;
+        let done = vcpu.set_msrs(&msrs).map_err(e("KVM_SET_MSRS"))?;
         if done != asked {
             return Err(SnapshotError::Msrs {
                 what: "wrote",
@@ -148,6 +202,7 @@ impl VcpuState {
 
 /// The VM-wide state: the guest clock and the in-kernel interrupt
 /// controllers and timer.
+#[derive(Serialize, Deserialize)]
 pub struct VmState {
     clock: kvm_clock_data,
     chips: [kvm_irqchip; 3],

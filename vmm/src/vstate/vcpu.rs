@@ -2,7 +2,9 @@
 //! MMIO exits to the buses. They never start threads or open anything: a
 //! virtio DRIVER_OK only posts an activation request for the event thread.
 //! The main thread stops or pauses them by setting a flag and kicking them
-//! out of KVM_RUN with a signal.
+//! out of KVM_RUN with a signal. A paused vCPU has finished its last
+//! instruction (a pending port or MMIO read is completed first), so its
+//! state can be saved for a template (see `crate::snapshot`).
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -14,6 +16,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::snapshot::{self, SnapshotError, VcpuState};
 use super::Vm;
 use crate::arch::regs::{self, EntryPoint, RegsError};
 use crate::devices::Bus;
@@ -73,6 +76,22 @@ pub enum VcpuError {
     /// The handler of the signal that kicks a vCPU out of KVM_RUN could not be installed.
     #[error("Cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    /// A template's vCPU state could not be read or written back.
+    #[error(transparent)]
+    State(#[from] SnapshotError),
+    /// A template holds another number of vCPUs (first) than asked (second).
+    #[error("The template has {0} vCPUs, not {1}")]
+    StateCount(usize, u8),
+}
+
+/// How the vCPUs begin.
+#[derive(Clone, Copy)]
+pub enum VcpuStart<'a> {
+    /// A fresh boot: the boot vCPU enters the kernel at this address, the
+    /// others wait for INIT/SIPI.
+    Boot(EntryPoint),
+    /// Each vCPU takes up the state saved in a template, in vCPU order.
+    Restore(&'a [VcpuState]),
 }
 
 /// State shared by the vCPU threads and the thread that controls them.
@@ -115,6 +134,12 @@ impl VcpuControl {
 pub struct Vcpus {
     handles: Mutex<Vec<JoinHandle<()>>>,
     control: Arc<VcpuControl>,
+    /// Each vCPU's fd; its thread holds the lock only around KVM_RUN and
+    /// the exit's dispatch, so a paused vCPU's fd is free to save.
+    fds: Vec<Arc<Mutex<VcpuFd>>>,
+    /// The MSRs a template saves (read before any filter is installed:
+    /// listing them is a system ioctl).
+    msr_indices: Vec<u32>,
 }
 
 fn kick_signal() -> i32 {
@@ -143,16 +168,21 @@ fn cpuid_for(base: &CpuId, id: u8, count: u8) -> CpuId {
 }
 
 impl Vcpus {
-    /// Creates and configures every vCPU, then starts their threads. The
-    /// boot vCPU enters the kernel at `entry`; the others wait for INIT/SIPI.
+    /// Creates and configures every vCPU, then starts their threads (see
+    /// [`VcpuStart`]).
     pub fn start(
         vm: &Vm,
         count: u8,
-        entry: EntryPoint,
+        how: VcpuStart<'_>,
         pio: Bus,
         mmio: Bus,
         seccomp: Option<seccompiler::BpfProgram>,
     ) -> Result<Self, VcpuError> {
+        if let VcpuStart::Restore(states) = how {
+            if states.len() != usize::from(count) {
+                return Err(VcpuError::StateCount(states.len(), count));
+            }
+        }
         register_signal_handler(kick_signal(), handle_kick).map_err(VcpuError::Signal)?;
         let base = vm
             .kvm
@@ -167,15 +197,25 @@ impl Vcpus {
             fd.set_cpuid2(&cpuid_for(&base, id, count))
                 .map_err(|e| VcpuError::SetCpuid(id, e))?;
             let r = |e| VcpuError::Regs(id, e);
-            regs::setup_msrs(&fd).map_err(r)?;
-            regs::setup_fpu(&fd).map_err(r)?;
-            regs::setup_lapic(&fd).map_err(r)?;
-            if id == 0 {
-                regs::setup_sregs(&vm.mem, &fd).map_err(r)?;
-                regs::setup_regs(&fd, entry).map_err(r)?;
+            match how {
+                VcpuStart::Boot(entry) => {
+                    regs::setup_msrs(&fd).map_err(r)?;
+                    regs::setup_fpu(&fd).map_err(r)?;
+                    regs::setup_lapic(&fd).map_err(r)?;
+                    if id == 0 {
+                        regs::setup_sregs(&vm.mem, &fd).map_err(r)?;
+                        regs::setup_regs(&fd, entry).map_err(r)?;
+                    }
+                }
+                VcpuStart::Restore(states) => states[usize::from(id)].restore(&fd)?,
             }
             fds.push(fd);
         }
+        let msr_indices = match fds.first() {
+            Some(fd) => snapshot::msr_indices(&vm.kvm, fd)?,
+            None => Vec::new(),
+        };
+        let fds: Vec<_> = fds.into_iter().map(|fd| Arc::new(Mutex::new(fd))).collect();
         let control = Arc::new(VcpuControl {
             stop: AtomicBool::new(false),
             pause: Mutex::new(false),
@@ -188,6 +228,8 @@ impl Vcpus {
         let vcpus = Vcpus {
             handles: Mutex::new(vec![]),
             control,
+            fds: fds.clone(),
+            msr_indices,
         };
         for (id, fd) in fds.into_iter().enumerate() {
             let (pio, mmio, control) = (pio.clone(), mmio.clone(), vcpus.control.clone());
@@ -251,6 +293,16 @@ impl Vcpus {
         }
     }
 
+    /// The state of every vCPU, in order, for a template. The vCPUs must
+    /// be paused ([`Vcpus::pause`]), so none is inside KVM_RUN.
+    pub fn save(&self) -> Result<Vec<VcpuState>, SnapshotError> {
+        debug_assert!(self.is_paused());
+        self.fds
+            .iter()
+            .map(|fd| VcpuState::save(&fd.lock().unwrap(), &self.msr_indices))
+            .collect()
+    }
+
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
         *self.control.pause.lock().unwrap() = false;
@@ -283,7 +335,20 @@ impl Drop for Vcpus {
     }
 }
 
-fn park_if_paused(control: &VcpuControl) {
+/// Parks the vCPU while a pause is in force. It first finishes the
+/// instruction of its last exit: the data of a port or MMIO read reaches
+/// the guest's register only on the next KVM_RUN, which `immediate_exit`
+/// makes return at once after that. A saved state then misses nothing.
+fn park_if_paused(control: &VcpuControl, fd: &Mutex<VcpuFd>) {
+    if !*control.pause.lock().unwrap() {
+        return;
+    }
+    {
+        let mut fd = fd.lock().unwrap();
+        fd.set_kvm_immediate_exit(1);
+        let _ = fd.run();
+        fd.set_kvm_immediate_exit(0);
+    }
     let mut paused = control.pause.lock().unwrap();
     if !*paused {
         return;
@@ -296,12 +361,13 @@ fn park_if_paused(control: &VcpuControl) {
     *control.parked.lock().unwrap() -= 1;
 }
 
-fn run_vcpu(id: usize, mut fd: VcpuFd, pio: &Bus, mmio: &Bus, control: &VcpuControl) {
+fn run_vcpu(id: usize, fd: Arc<Mutex<VcpuFd>>, pio: &Bus, mmio: &Bus, control: &VcpuControl) {
     loop {
         if control.stop.load(Ordering::SeqCst) {
             return;
         }
-        park_if_paused(control);
+        park_if_paused(control, &fd);
+        let mut fd = fd.lock().unwrap();
         match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !pio.read(port.into(), data) {

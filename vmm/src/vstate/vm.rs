@@ -67,6 +67,23 @@ impl Vm {
         mem_regions: &[(vm_memory::GuestAddress, usize)],
         vcpus: u8,
     ) -> Result<Self, VmError> {
+        Self::create(kvm_path, vcpus, || {
+            let size_mib = mem_regions.iter().map(|r| r.1 as u64).sum::<u64>() >> 20;
+            GuestMemory::from_ranges(mem_regions).map_err(|e| VmError::Memory(size_mib, e))
+        })
+    }
+
+    /// Like [`Vm::new`], with guest RAM already mapped (a template's).
+    pub fn with_memory(kvm_path: &Path, mem: GuestMemory, vcpus: u8) -> Result<Self, VmError> {
+        Self::create(kvm_path, vcpus, || Ok(mem))
+    }
+
+    /// Checks KVM, creates the VM, then maps `memory()` into it.
+    fn create(
+        kvm_path: &Path,
+        vcpus: u8,
+        memory: impl FnOnce() -> Result<GuestMemory, VmError>,
+    ) -> Result<Self, VmError> {
         let kvm = open_kvm(kvm_path)?;
         let version = kvm.get_api_version();
         if version != 12 {
@@ -87,9 +104,7 @@ impl Vm {
             return Err(VmError::TooManyVcpus(vcpus, max));
         }
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let size_mib = mem_regions.iter().map(|r| r.1 as u64).sum::<u64>() >> 20;
-        let mem =
-            GuestMemory::from_ranges(mem_regions).map_err(|e| VmError::Memory(size_mib, e))?;
+        let mem = memory()?;
         for (slot, region) in mem.iter().enumerate() {
             let host_addr = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))

@@ -7,4 +7,4 @@ pub mod serial;
 
 pub use boot_timer::BootTimer;
 pub use i8042::I8042;
-pub use serial::{EventFdTrigger, SerialDevice};
+pub use serial::{EventFdTrigger, SerialDevice, SerialState};

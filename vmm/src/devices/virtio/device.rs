@@ -86,6 +86,14 @@ impl Interrupt {
         self.needs_reset.load(Ordering::SeqCst)
     }
 
+    /// Takes up the InterruptStatus and ConfigGeneration of a template's
+    /// device (the guest's interrupt controller state comes with the VM's).
+    pub fn restore(&self, status: u32, config_generation: u32) {
+        self.status.store(status, Ordering::SeqCst);
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
+    }
+
     /// Driver reset: no interrupt pending, no reset asked for.
     pub fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
@@ -184,6 +192,11 @@ pub trait VirtioDevice: Send {
     /// Stops serving (driver reset): the worker is stopped and joined.
     /// Returns the device to its pre-activation state.
     fn reset(&mut self);
+    /// The next activation resumes a template's device in a new VM, whose
+    /// guest driver believes it has been running all along: a device whose
+    /// host side cannot go on as it was (open connections, a disk of
+    /// another size) tells the driver once it runs.
+    fn restoring(&mut self) {}
 }
 
 #[cfg(test)]

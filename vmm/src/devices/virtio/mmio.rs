@@ -27,6 +27,9 @@ use super::device::{
 use crate::devices::bus::BusDevice;
 use crate::logger::RateLimit;
 
+mod state;
+pub use state::{RestoreError, TransportState};
+
 /// "virt", little-endian.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
 /// The modern (virtio 1.x) register layout.
@@ -394,6 +397,12 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) -> Result<(), ActivationError> {
+        self.activate_with(|_, _| {})
+    }
+
+    /// Activates the device, letting `adjust` set each queue (by index)
+    /// before the device gets it.
+    fn activate_with(&mut self, adjust: impl Fn(usize, &mut Queue)) -> Result<(), ActivationError> {
         // The device gets every queue up to the last ready one: the driver
         // may leave trailing queues it does not use unset.
         let count = self
@@ -407,7 +416,8 @@ impl MmioTransport {
             if !regs.ready {
                 return Err(ActivationError::QueueNotReady(index));
             }
-            let queue = regs.to_queue(index, event_idx)?;
+            let mut queue = regs.to_queue(index, event_idx)?;
+            adjust(index, &mut queue);
             if !queue.is_valid(&self.mem) {
                 return Err(ActivationError::QueueMemory(index));
             }
@@ -567,6 +577,9 @@ mod tests {
     struct Log {
         acked: Option<u64>,
         activations: Vec<Vec<SeenQueue>>,
+        /// Each activation's next available index, by queue.
+        positions: Vec<Vec<u16>>,
+        restorings: usize,
         resets: usize,
         config_writes: Vec<(u64, Vec<u8>)>,
     }
@@ -625,11 +638,17 @@ mod tests {
                     )
                 })
                 .collect();
-            self.log.lock().unwrap().activations.push(seen);
+            let positions = queues.iter().map(|q| q.queue.next_avail()).collect();
+            let mut log = self.log.lock().unwrap();
+            log.activations.push(seen);
+            log.positions.push(positions);
             Ok(())
         }
         fn reset(&mut self) {
             self.log.lock().unwrap().resets += 1;
+        }
+        fn restoring(&mut self) {
+            self.log.lock().unwrap().restorings += 1;
         }
     }
 
@@ -725,6 +744,51 @@ mod tests {
     }
 
     const ALL_OK: u32 = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+
+    #[test]
+    fn a_saved_transport_goes_on_in_a_new_one() {
+        use vm_memory::Bytes;
+        let mut h = harness(&[16, 16], false);
+        let features = VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX;
+        h.negotiate(features);
+        h.setup_queue(0, 16, 0x1000, 0x2000, 0x3000);
+        h.setup_queue(1, 8, 0x4000, 0x5000, 0x6000);
+        h.driver_ok();
+        // The used rings' indexes, as the device left them in guest memory.
+        h.t.mem.write_obj(7u16.to_le(), GuestAddress(0x3002)).unwrap();
+        h.t.mem.write_obj(3u16.to_le(), GuestAddress(0x6002)).unwrap();
+        h.t.interrupt().signal_used_queue().unwrap();
+        let state = h.t.save();
+        assert_eq!(h.log.lock().unwrap().resets, 1, "the device is stopped");
+        assert!(!h.t.is_activated());
+
+        let mut copy = harness(&[16, 16], false);
+        copy.t.restore(&state).unwrap();
+        assert!(copy.t.is_activated());
+        assert_eq!(copy.r(REG_STATUS), ALL_OK);
+        assert_eq!(copy.r(REG_INTERRUPT_STATUS), INT_USED_RING);
+        let log = copy.log.lock().unwrap();
+        assert_eq!(log.acked, Some(features));
+        assert_eq!(log.restorings, 1);
+        assert_eq!(log.positions, [vec![7, 3]]);
+        assert_eq!(log.activations[0][1].0, 8);
+
+        // Another device type is refused; a driver that never started its
+        // device leaves it stopped in the copy too.
+        let mut other = state.clone();
+        other.device_type = 1;
+        let mut copy = harness(&[16, 16], false);
+        assert!(matches!(
+            copy.t.restore(&other),
+            Err(RestoreError::DeviceType { saved: 1, found: 42 })
+        ));
+        let mut idle = harness(&[16, 16], false);
+        let idle_state = idle.t.save();
+        let mut copy = harness(&[16, 16], false);
+        copy.t.restore(&idle_state).unwrap();
+        assert!(!copy.t.is_activated());
+        assert_eq!(copy.log.lock().unwrap().restorings, 0);
+    }
 
     #[test]
     fn identification_registers() {

@@ -208,6 +208,9 @@ pub struct Block {
     shared: Arc<Shared>,
     serial: [u8; VIRTIO_BLK_ID_BYTES],
     state: DeviceState,
+    /// The next activation resumes a template, whose disk here may have
+    /// had another size: the driver is told to read the capacity again.
+    restoring: bool,
 }
 
 impl Block {
@@ -248,6 +251,7 @@ impl Block {
             shared,
             serial: id_bytes,
             state: DeviceState::default(),
+            restoring: false,
         })
     }
 
@@ -329,6 +333,11 @@ impl VirtioDevice for Block {
         };
         let name = format!("blk-{}", self.id());
         self.state.start_worker(name, interrupt.clone(), worker)?;
+        if std::mem::take(&mut self.restoring) {
+            if let Err(err) = interrupt.signal_config_change() {
+                error!("block {}: cannot signal a config change: {err}", self.id());
+            }
+        }
         self.shared.lock().interrupt = Some(interrupt);
         Ok(())
     }
@@ -336,6 +345,10 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.state.reset();
         self.shared.lock().interrupt = None;
+    }
+
+    fn restoring(&mut self) {
+        self.restoring = true;
     }
 }
 

@@ -54,6 +54,9 @@ pub enum VsockError {
 pub struct Vsock {
     endpoint: Endpoint,
     state: DeviceState,
+    /// The next activation resumes a template: the guest is told that
+    /// every connection it had is gone (a transport reset event).
+    restoring: bool,
 }
 
 impl Vsock {
@@ -84,6 +87,7 @@ impl Vsock {
                 connect_timeout: CONNECT_TIMEOUT,
             },
             state: DeviceState::default(),
+            restoring: false,
         })
     }
 
@@ -137,8 +141,11 @@ impl VirtioDevice for Vsock {
         queues: Vec<ActivatedQueue>,
     ) -> Result<(), ActivateError> {
         let queues = self.state.begin_activation(queues)?;
-        let worker = Worker::new(mem, interrupt.clone(), queues, self.endpoint.clone())
+        let mut worker = Worker::new(mem, interrupt.clone(), queues, self.endpoint.clone())
             .map_err(ActivateError::Backend)?;
+        if std::mem::take(&mut self.restoring) {
+            worker.announce_reset().map_err(ActivateError::Backend)?;
+        }
         let name = format!("vsock-{}", self.endpoint.guest_cid);
         self.state.start_worker(name, interrupt, worker)
     }
@@ -146,6 +153,12 @@ impl VirtioDevice for Vsock {
     /// Stops the worker; every connection is closed with it.
     fn reset(&mut self) {
         self.state.reset();
+    }
+
+    /// The template's connections were to another VMM's sockets: the
+    /// guest drops them on the transport reset event (its listeners stay).
+    fn restoring(&mut self) {
+        self.restoring = true;
     }
 }
 
@@ -158,6 +171,9 @@ impl Drop for Vsock {
     }
 }
 
+/// `virtio_vsock_event_id`: the host's side of every connection is gone.
+const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
+
 const TOKEN_RX: u64 = 1;
 const TOKEN_TX: u64 = 2;
 const TOKEN_EVT: u64 = 3;
@@ -167,8 +183,10 @@ struct Worker {
     interrupt: Arc<Interrupt>,
     rx: Queue,
     tx: Queue,
-    /// The event queue is never used, but its eventfd is drained.
-    _evt: Queue,
+    /// Used only for a transport reset after a restore.
+    evt: Queue,
+    /// A transport reset event waits for an event buffer.
+    reset_pending: bool,
     rx_evt: EventFd,
     tx_evt: EventFd,
     evt_evt: EventFd,
@@ -195,13 +213,42 @@ impl Worker {
             interrupt,
             rx: rx.queue,
             tx: tx.queue,
-            _evt: evt.queue,
+            evt: evt.queue,
+            reset_pending: false,
             rx_evt: rx.notify,
             tx_evt: tx.notify,
             evt_evt: evt.notify,
             muxer,
             payload: vec![0u8; MAX_PAYLOAD],
         })
+    }
+
+    /// Queues a transport reset event for the guest and wakes the worker
+    /// to send it.
+    fn announce_reset(&mut self) -> io::Result<()> {
+        self.reset_pending = true;
+        self.evt_evt.write(1)
+    }
+
+    /// Sends the pending transport reset event, if the guest has given an
+    /// event buffer: `struct virtio_vsock_event { le32 id }`, id 0.
+    fn send_reset_event(&mut self) -> Result<(), RingError> {
+        use std::io::Write as _;
+        let mem = self.mem.clone();
+        let Some(chain) = next_chain(&mut self.evt, &mem, ANY_CHAIN_LEN)? else {
+            return Ok(());
+        };
+        let head = chain.head_index();
+        let written = match chain.writer(&mem) {
+            Ok(mut writer) if writer.available_bytes() >= 4 => writer
+                .write_all(&VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes())
+                .map_or(0, |()| 4),
+            _ => 0,
+        };
+        add_used(&mut self.evt, &mem, head, written)?;
+        notify_used(&mut self.evt, &mem, &self.interrupt, "vsock");
+        self.reset_pending = written == 0;
+        Ok(())
     }
 
     /// Serves both queues until neither can make progress. Guest packets
@@ -319,6 +366,9 @@ impl DeviceWorker for Worker {
     }
 
     fn process(&mut self) -> Result<(), RingError> {
+        if self.reset_pending {
+            self.send_reset_event()?;
+        }
         self.muxer.check_deadlines(Instant::now());
         self.process_queues()
     }
