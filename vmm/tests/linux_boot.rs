@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use moat_testutil::TempDir;
 
+#[path = "linux-guest/initramfs.rs"]
+mod initramfs;
+
 fn skip(why: &str) {
     eprintln!("\n*** SKIPPED linux_boot: {why} ***\n");
 }
@@ -23,30 +26,6 @@ fn skip(why: &str) {
 fn run(cmd: &mut Command) {
     let status = cmd.status().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(status.success(), "{cmd:?} failed: {status}");
-}
-
-/// Uncompressed newc initramfs: busybox, the test's init and guest_tool.
-fn build_initramfs(dir: &Path) -> PathBuf {
-    let root = dir.join("root");
-    for d in ["bin", "proc", "sys", "dev"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/linux-guest");
-    run(Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(root.join("bin/guest_tool"))
-        .arg(src.join("guest_tool.c")));
-    std::fs::copy(src.join("init.sh"), root.join("init")).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(root.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let cpio = dir.join("initramfs.cpio");
-    run(Command::new("sh").arg("-c").arg(format!(
-        "cd {} && find . | sort | cpio -o -H newc --quiet > {}",
-        root.display(),
-        cpio.display()
-    )));
-    cpio
 }
 
 struct Netns(String);
@@ -90,7 +69,7 @@ fn linux_guest_boots_and_uses_every_device() {
     }
     let tmp = TempDir::new("linux-boot");
     let dir = tmp.path();
-    let initramfs = build_initramfs(dir);
+    let initramfs = initramfs::build(dir, "init.sh");
 
     let disk = dir.join("disk.img");
     let mut image = vec![0u8; 1 << 20];
