@@ -164,8 +164,11 @@ impl VcpuState {
 
     /// Writes the state into a new vCPU whose CPUID is already set. The
     /// order matters: segment and control registers (which pick the mode)
-    /// before the rest, the APIC after the MSRs that place it, and pending
-    /// events last so that nothing after them clears them.
+    /// before the rest; the local APIC before the MSRs, since KVM drops a
+    /// TSC-deadline write while the APIC timer is not in that mode (the
+    /// guest's next timer interrupt would never come, and a tickless guest
+    /// would sleep until some device interrupted it); pending events last,
+    /// so that nothing after them clears them.
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<()> {
         let e = |call| move |err| SnapshotError::Vcpu(call, err);
         vcpu.set_mp_state(self.mp_state)
@@ -180,6 +183,7 @@ impl VcpuState {
         vcpu.set_xcrs(&self.xcrs).map_err(e("KVM_SET_XCRS"))?;
         vcpu.set_debug_regs(&self.debug_regs)
             .map_err(e("KVM_SET_DEBUGREGS"))?;
+        vcpu.set_lapic(&self.lapic).map_err(e("KVM_SET_LAPIC"))?;
         let asked = self.msrs.len();
         let msrs = Msrs::from_entries(&self.msrs).map_err(|_| SnapshotError::Msrs {
             what: "wrote",
@@ -194,7 +198,6 @@ impl VcpuState {
                 asked,
             });
         }
-        vcpu.set_lapic(&self.lapic).map_err(e("KVM_SET_LAPIC"))?;
         vcpu.set_vcpu_events(&self.events)
             .map_err(e("KVM_SET_VCPU_EVENTS"))
     }

@@ -3,7 +3,9 @@
  *                                       MESSAGE + "\n", print the reply line
  *   guest_tool vsock-serve PORT         listen on PORT; answer each line
  *                                       with "echo LINE rand=HEX", where
- *                                       HEX is 8 bytes of getrandom
+ *                                       HEX is 8 bytes of getrandom; a
+ *                                       line "sleep" is answered after a
+ *                                       200 ms nanosleep (a guest timer)
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +13,7 @@
 #include <unistd.h>
 #include <sys/socket.h>
 #include <sys/random.h>
+#include <time.h>
 #include <linux/vm_sockets.h>
 
 static int vsock_echo(unsigned port, const char *msg) {
@@ -57,6 +60,10 @@ static int vsock_serve(unsigned port) {
         line[got] = 0;
         char *nl = strchr(line, '\n');
         if (nl) *nl = 0;
+        if (strcmp(line, "sleep") == 0) {
+            struct timespec ts = { .tv_sec = 0, .tv_nsec = 200 * 1000 * 1000 };
+            nanosleep(&ts, NULL);
+        }
         unsigned char rnd[8];
         if (getrandom(rnd, sizeof rnd, 0) != sizeof rnd) memset(rnd, 0, sizeof rnd);
         char reply[256];

@@ -755,8 +755,12 @@ mod tests {
         h.setup_queue(1, 8, 0x4000, 0x5000, 0x6000);
         h.driver_ok();
         // The used rings' indexes, as the device left them in guest memory.
-        h.t.mem.write_obj(7u16.to_le(), GuestAddress(0x3002)).unwrap();
-        h.t.mem.write_obj(3u16.to_le(), GuestAddress(0x6002)).unwrap();
+        h.t.mem
+            .write_obj(7u16.to_le(), GuestAddress(0x3002))
+            .unwrap();
+        h.t.mem
+            .write_obj(3u16.to_le(), GuestAddress(0x6002))
+            .unwrap();
         h.t.interrupt().signal_used_queue().unwrap();
         let state = h.t.save();
         assert_eq!(h.log.lock().unwrap().resets, 1, "the device is stopped");
@@ -780,7 +784,10 @@ mod tests {
         let mut copy = harness(&[16, 16], false);
         assert!(matches!(
             copy.t.restore(&other),
-            Err(RestoreError::DeviceType { saved: 1, found: 42 })
+            Err(RestoreError::DeviceType {
+                saved: 1,
+                found: 42
+            })
         ));
         let mut idle = harness(&[16, 16], false);
         let idle_state = idle.t.save();
