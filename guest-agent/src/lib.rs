@@ -40,6 +40,7 @@ pub mod oom;
 pub mod port_forward;
 pub mod process;
 pub mod reaper;
+pub mod restored;
 pub mod seccomp;
 pub mod server;
 pub mod share;

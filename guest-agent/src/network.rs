@@ -110,6 +110,39 @@ fn ifindex(fd: &OwnedFd, name: &str) -> Result<i32> {
     Ok(unsafe { r.ifr_ifru.ifru_ifindex })
 }
 
+/// The six bytes of "aa:bb:cc:dd:ee:ff".
+fn parse_mac(mac: &str) -> Result<[u8; 6]> {
+    let parts: Vec<&str> = mac.trim().split(':').collect();
+    let mut bytes = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(bad(format!("bad MAC {mac:?}")));
+    }
+    for (b, p) in bytes.iter_mut().zip(&parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad(format!("bad MAC {mac:?}")))?;
+    }
+    Ok(bytes)
+}
+
+/// Gives interface `name` (still down) the Ethernet address `mac`.
+fn set_mac(fd: &OwnedFd, name: &str, mac: &str) -> Result<()> {
+    let bytes = parse_mac(mac)?;
+    let mut r = ifreq(name)?;
+    let mut addr = libc::sockaddr {
+        sa_family: libc::ARPHRD_ETHER,
+        sa_data: [0; 14],
+    };
+    for (d, b) in addr.sa_data.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    r.ifr_ifru.ifru_hwaddr = addr;
+    ioctl(
+        fd,
+        libc::SIOCSIFHWADDR,
+        &mut r,
+        &format!("setting MAC {mac}"),
+    )
+}
+
 /// Sets IFF_UP on `name`.
 pub fn link_up(name: &str) -> Result<()> {
     let fd = socket(libc::AF_INET)?;
@@ -262,8 +295,16 @@ fn configure_interface(
     sys_class_net: &Path,
     iface: &moat_protocol::agent::Interface,
 ) -> Result<String> {
-    let mut name = find_by_mac(sys_class_net, &iface.mac)?;
+    let lookup = if iface.guest_mac.is_empty() {
+        &iface.mac
+    } else {
+        &iface.guest_mac
+    };
+    let mut name = find_by_mac(sys_class_net, lookup)?;
     let fd4 = socket(libc::AF_INET)?;
+    if normalize_mac(lookup) != normalize_mac(&iface.mac) {
+        set_mac(&fd4, &name, &iface.mac)?;
+    }
     if !iface.name.is_empty() && iface.name != name {
         let mut r = ifreq(&name)?;
         let new = ifreq(&iface.name)?;
@@ -445,6 +486,22 @@ mod tests {
             "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local\noptions ndots:5\n"
         );
         assert!(hosts(&req).ends_with("10.0.0.5\tpod pod.local\n"));
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("02:6D:6f:61:74:00").unwrap(),
+            [2, 0x6d, 0x6f, 0x61, 0x74, 0]
+        );
+        for bad in [
+            "",
+            "02:6d:6f:61:74",
+            "02:6d:6f:61:74:00:01",
+            "zz:00:00:00:00:00",
+        ] {
+            assert!(parse_mac(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

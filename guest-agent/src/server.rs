@@ -233,6 +233,22 @@ impl Agent for AgentService {
             }))
     }
 
+    fn restored(&self, _: &TtrpcContext, req: RestoredRequest) -> ttrpc::Result<Empty> {
+        let r = crate::restored::check_entropy(&req.entropy).and_then(|()| {
+            // Outside a VM (the host tests) the host's RNG and clock are
+            // not the agent's to change.
+            if !self.config.init {
+                return Ok(());
+            }
+            crate::restored::reseed(&req.entropy)?;
+            crate::restored::set_clock(req.realtime_ns)
+        });
+        if r.is_ok() {
+            log::info!("restored from a template: RNG reseeded, clock set");
+        }
+        reply("Restored", r.map(|()| Empty::new()))
+    }
+
     fn shutdown(&self, _: &TtrpcContext, _: Empty) -> ttrpc::Result<Empty> {
         log::warn!("shutdown requested");
         let containers = self.containers.clone();
