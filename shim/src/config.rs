@@ -142,6 +142,12 @@ pub struct Config {
     /// pids.max of each container whose spec sets no pids limit (0: none),
     /// passed to the agent on the guest kernel command line.
     pub pids_limit: u32,
+    /// Whether VMs start from templates (`sandbox::template`): the first
+    /// VM of a shape boots and is saved, the others restore it.
+    pub templates: bool,
+    /// Where the templates live (root only: they hold a booted guest's
+    /// memory).
+    pub template_dir: PathBuf,
 }
 
 impl Default for Config {
@@ -173,6 +179,8 @@ impl Default for Config {
             jail_id_base: 0x7000_0000,
             allow_no_landlock: false,
             pids_limit: moat_protocol::DEFAULT_PIDS_LIMIT,
+            templates: true,
+            template_dir: PathBuf::from("/var/lib/moat/templates"),
         }
     }
 }

@@ -223,13 +223,15 @@ impl Containerd {
             dir.join("moat.toml"),
             format!(
                 "kernel = \"{}\"\ninitramfs = \"{}\"\nvmm = \"{}\"\nstate_dir = \"{}/run\"\n\
-                 layer_cache_dir = \"{}/layers\"\nupper_dir = \"{}/uppers\"\n{}\n",
+                 layer_cache_dir = \"{}/layers\"\nupper_dir = \"{}/uppers\"\n\
+                 template_dir = \"{}/templates\"\n{}\n",
                 moat.kernel.display(),
                 moat.initramfs.display(),
                 moat.vmm
                     .clone()
                     .unwrap_or_else(|| bin.join("moat-vmm"))
                     .display(),
+                dir.display(),
                 dir.display(),
                 dir.display(),
                 dir.display(),

@@ -6,8 +6,9 @@
 //! tests run in parallel: a plain container in a VM of its own, a pod
 //! whose VM runs five containers (three of them started at once) and an
 //! exec, on a pod network (a veth in a namespace, as CNI leaves it, joined
-//! to the VM by a tap), and a pod where an exec answers during a sibling's
-//! create. Skipped (loudly) only when the guest kernel,
+//! to the VM by a tap), a pod where an exec answers during a sibling's
+//! create, and two containers started from one VM template. Skipped
+//! (loudly) only when the guest kernel,
 //! initramfs, /dev/kvm or the host tools are not on the machine.
 
 use std::process::{Command, Output};
@@ -153,6 +154,53 @@ fn plain_container_runs_in_its_own_vm() {
     );
     c.assert_no_leaks();
     elapsed(t, "no leaks");
+}
+
+/// Two containers, each in a VM of its own, from one template: the first
+/// `ctr run` boots a VM, saves it and restores it; the second only
+/// restores. Their guests draw different random bytes (the agent reseeds
+/// each from host entropy) and read the host's time.
+#[test]
+fn containers_start_from_one_template_and_differ() {
+    let Some(c) = setup("e2e-tpl") else { return };
+    let script = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    let mut randoms = Vec::new();
+    for id in ["tpl-first", "tpl-second"] {
+        let t = Instant::now();
+        let before = unix_now();
+        let o = c.run(&["--rm"], id, &["sh", "-c", script]);
+        let after = unix_now();
+        elapsed(t, id);
+        assert_eq!(o.status.code(), Some(0), "{}\n{}", text(&o), c.log());
+        let out = stdout(&o);
+        let mut lines = out.lines();
+        let random = lines.next().unwrap_or_default().to_string();
+        assert_eq!(random.len(), 32, "16 random bytes in hex: {out:?}");
+        // The guest's clock is the host's, not the template's.
+        let time: i64 = lines
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(
+            (before - 2..=after + 2).contains(&time),
+            "guest time {time} outside the run ({before}..{after}): {out:?}"
+        );
+        randoms.push(random);
+    }
+    assert_ne!(
+        randoms[0], randoms[1],
+        "two VMs of one template drew the same bytes"
+    );
+    let log = c.log();
+    assert_eq!(log.matches("saved template").count(), 1, "{log}");
+    assert_eq!(log.matches("restored from a template").count(), 2, "{log}");
+    c.assert_no_leaks();
 }
 
 /// One pod, one VM (its moat-vmm jailed as a user of its own): a

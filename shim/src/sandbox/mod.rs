@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod jail;
+pub mod template;
 pub mod vmm;
 
 use std::fs;
@@ -301,37 +302,47 @@ impl Sandbox {
             n.record(dir).map_err(io_error("record the pod network"))?;
         }
         let spares = spare_slots.min(max_slots - disks.len());
-        let (block, slots) = block_slots(disks, spares);
+        // With templates every disk comes after the restore: a template's
+        // slots are empty, so that it holds no pod's data.
+        let (block, slots) = if cfg.templates {
+            block_slots(&[], disks.len() + spares)
+        } else {
+            block_slots(disks, spares)
+        };
         let config = vm_config(cfg, dir, size, block, &taps, jail)?;
-        let vsock = dir.join(VSOCK_SOCKET);
         if let Some(path) = &host.cgroup {
             let cg = HostCgroup::create(&cgroup::hierarchies(), path, dir)
                 .map_err(io_error(format!("create cgroup {}", path.display())))?;
             undo.cgroup = Some(cg);
         }
-        let vmm = undo.vmm.insert(Vmm::spawn(
-            &vmm_bin,
-            &config,
-            &dir.join("vm.json"),
-            &dir.join("vmm.log"),
-            taps.iter().map(|(fd, _)| *fd).collect(),
-            undo.cgroup
+        let start = VmStart {
+            cfg,
+            dir,
+            vmm_bin: &vmm_bin,
+            taps: taps.iter().map(|(fd, _)| *fd).collect(),
+            cgroup_procs: undo
+                .cgroup
                 .as_ref()
                 .map(HostCgroup::procs_fds)
                 .unwrap_or_default(),
-        )?);
-        log::info!("sandbox {id}: moat-vmm pid {} booting", vmm.pid());
-        // For `shim delete` after this shim died: it finds the VM by this file.
-        let pid_file = dir.join(VMM_PID_FILE);
-        fs::write(&pid_file, vmm.pid().to_string())
-            .map_err(io_error(format!("write {}", pid_file.display())))?;
-        let agent = connect_agent(cfg, dir, &vsock, vmm)?;
+        };
+        let (agent, restored) = start.run(&config, &mut undo.vmm)?;
+        let vmm = undo.vmm.as_ref().expect("a started VM has a VMM");
+        let sandbox_slots = Mutex::new(slots);
+        if cfg.templates {
+            attach_to(vmm, &sandbox_slots, disks)?;
+        }
         if let Some(n) = network.filter(|n| !n.request.interfaces.is_empty()) {
+            let request = if cfg.templates {
+                with_template_macs(&n.request, &taps)
+            } else {
+                n.request.clone()
+            };
             agent
-                .set_network(agent.ctx_timeout(cfg.agent_timeout()), &n.request)
+                .set_network(agent.ctx_timeout(cfg.agent_timeout()), &request)
                 .map_err(|e| SandboxError::Api(format!("SetNetwork: {e}")))?;
         }
-        log_boot(id, vmm, &agent);
+        log_boot(id, vmm, &agent, restored);
         let forward = network
             .filter(|n| !n.request.interfaces.is_empty())
             .and_then(|n| start_port_forward(id, n, &agent));
@@ -345,7 +356,7 @@ impl Sandbox {
             uppers: upper_dir(cfg, id),
             vmm,
             agent,
-            slots: Mutex::new(slots),
+            slots: sandbox_slots,
             cgroup,
             network,
             forward,
@@ -364,38 +375,7 @@ impl Sandbox {
     /// Gives `disks` block slots (reusing a slot that already has the same
     /// file) and returns their serials, in order.
     pub fn attach(&self, disks: &[Disk]) -> Result<Vec<String>, SandboxError> {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let mut serials = Vec::new();
-        for d in disks {
-            if let Some(s) = slots
-                .iter_mut()
-                .find(|s| s.path.as_deref() == Some(&d.path) && d.read_only)
-            {
-                s.users += 1;
-                serials.push(s.id.clone());
-                continue;
-            }
-            let Some(s) = slots.iter_mut().find(|s| s.users == 0) else {
-                self.release_locked(&mut slots, &serials);
-                return Err(SandboxError::NoBlockSlot(slots.len()));
-            };
-            // The shim opens the file and passes it: the VMM, jailed, may
-            // open no file at all (not even a host device passed through).
-            let filled = fs::OpenOptions::new()
-                .read(true)
-                .write(!d.read_only)
-                .open(&d.path)
-                .map_err(io_error(format!("open {}", d.path.display())))
-                .and_then(|file| self.vmm.replace_block(&s.id, &file, d.read_only));
-            if let Err(e) = filled {
-                self.release_locked(&mut slots, &serials);
-                return Err(e);
-            }
-            s.path = Some(d.path.clone());
-            s.users = 1;
-            serials.push(s.id.clone());
-        }
-        Ok(serials)
+        attach_to(&self.vmm, &self.slots, disks)
     }
 
     /// Serials of the slots that already hold `disks` (the first container's).
@@ -419,11 +399,7 @@ impl Sandbox {
     }
 
     fn release_locked(&self, slots: &mut [Slot], serials: &[String]) {
-        for id in serials {
-            if let Some(s) = slots.iter_mut().find(|s| &s.id == id) {
-                s.users = s.users.saturating_sub(1);
-            }
-        }
+        release_slots(slots, serials);
     }
 
     /// Powers the VM off: the agent's Shutdown, then the VMM API, then
@@ -449,6 +425,192 @@ impl Sandbox {
         }
         let _ = fs::remove_dir_all(&self.uppers);
         log::info!("sandbox {}: VM stopped", self.id);
+    }
+}
+
+/// Gives `disks` slots of `vmm`'s (see [`Sandbox::attach`]).
+fn attach_to(
+    vmm: &Vmm,
+    slots: &Mutex<Vec<Slot>>,
+    disks: &[Disk],
+) -> Result<Vec<String>, SandboxError> {
+    let mut slots = slots.lock().unwrap_or_else(|e| e.into_inner());
+    let mut serials = Vec::new();
+    for d in disks {
+        if let Some(s) = slots
+            .iter_mut()
+            .find(|s| s.path.as_deref() == Some(&d.path) && d.read_only)
+        {
+            s.users += 1;
+            serials.push(s.id.clone());
+            continue;
+        }
+        let Some(s) = slots.iter_mut().find(|s| s.users == 0) else {
+            release_slots(&mut slots, &serials);
+            return Err(SandboxError::NoBlockSlot(slots.len()));
+        };
+        // The shim opens the file and passes it: the VMM, jailed, may
+        // open no file at all (not even a host device passed through).
+        let filled = fs::OpenOptions::new()
+            .read(true)
+            .write(!d.read_only)
+            .open(&d.path)
+            .map_err(io_error(format!("open {}", d.path.display())))
+            .and_then(|file| vmm.replace_block(&s.id, &file, d.read_only));
+        if let Err(e) = filled {
+            release_slots(&mut slots, &serials);
+            return Err(e);
+        }
+        s.path = Some(d.path.clone());
+        s.users = 1;
+        serials.push(s.id.clone());
+    }
+    Ok(serials)
+}
+
+fn release_slots(slots: &mut [Slot], serials: &[String]) {
+    for id in serials {
+        if let Some(s) = slots.iter_mut().find(|s| &s.id == id) {
+            s.users = s.users.saturating_sub(1);
+        }
+    }
+}
+
+/// The pod's network request for a VM whose NICs have the template's
+/// MACs: each interface is found by its NIC's template MAC and given its own.
+fn with_template_macs(
+    request: &moat_protocol::agent::SetNetworkRequest,
+    taps: &[(RawFd, String)],
+) -> moat_protocol::agent::SetNetworkRequest {
+    let mut request = request.clone();
+    for iface in &mut request.interfaces {
+        if let Some(index) = taps.iter().position(|(_, mac)| *mac == iface.mac) {
+            iface.guest_mac = template::template_mac(index);
+        }
+    }
+    request
+}
+
+/// What starting a pod's VM needs besides its configuration.
+struct VmStart<'a> {
+    cfg: &'a Config,
+    dir: &'a Path,
+    vmm_bin: &'a Path,
+    /// Tap fds moat-vmm inherits.
+    taps: Vec<RawFd>,
+    /// The pod's host cgroup, joined by moat-vmm before it execs.
+    cgroup_procs: Vec<RawFd>,
+}
+
+impl VmStart<'_> {
+    /// Starts the VM of `config` and connects to its agent; the running
+    /// moat-vmm is left in `slot` (for the caller's undo). With templates
+    /// the VM is restored from its shape's template, made first by a boot
+    /// if there is none. Returns the agent and whether the VM was restored.
+    fn run(
+        &self,
+        config: &VmConfig,
+        slot: &mut Option<Vmm>,
+    ) -> Result<(AgentClient, bool), SandboxError> {
+        if !self.cfg.templates {
+            return Ok((self.boot(config, slot)?, false));
+        }
+        let path = template::template_path(&self.cfg.template_dir, config, self.vmm_bin)?;
+        if path.exists() {
+            match self.restore(config, &path, slot) {
+                Ok(agent) => return Ok((agent, true)),
+                Err(e) => {
+                    log::warn!(
+                        "template {} failed ({e}): booting a new one",
+                        path.display()
+                    );
+                    self.end(slot);
+                    template::discard(&path);
+                }
+            }
+        }
+        let agent = self.boot(config, slot)?;
+        // The template must hold no connection of ours.
+        drop(agent);
+        let vmm = slot.as_ref().expect("a booted VM has a VMM");
+        if let Some(t) = vmm.boot_time() {
+            log::info!("template VM booted in {} ms (boot timer)", t.as_millis());
+        }
+        if let Err(e) = template::save(vmm, &path) {
+            // Saving leaves the VM spent: boot again, without a template.
+            log::warn!("cannot save a template ({e}): booting without one");
+            self.end(slot);
+            return Ok((self.boot(config, slot)?, false));
+        }
+        log::info!("saved template {}", path.display());
+        self.end(slot);
+        match self.restore(config, &path, slot) {
+            Ok(agent) => Ok((agent, true)),
+            Err(e) => {
+                // A template that cannot be restored right after it was
+                // made never will be: boot this VM, and let the next try.
+                log::warn!("new template {} failed ({e}): booting", path.display());
+                self.end(slot);
+                template::discard(&path);
+                Ok((self.boot(config, slot)?, false))
+            }
+        }
+    }
+
+    /// Boots the VM and waits for its agent.
+    fn boot(&self, config: &VmConfig, slot: &mut Option<Vmm>) -> Result<AgentClient, SandboxError> {
+        let vmm = slot.insert(self.spawn(config)?);
+        connect_agent(self.cfg, self.dir, &self.dir.join(VSOCK_SOCKET), vmm)
+    }
+
+    /// Starts the VM from the template at `path`, hands the guest fresh
+    /// entropy and the time.
+    fn restore(
+        &self,
+        config: &VmConfig,
+        path: &Path,
+        slot: &mut Option<Vmm>,
+    ) -> Result<AgentClient, SandboxError> {
+        let config = VmConfig {
+            restore: Some(path.to_owned()),
+            ..config.clone()
+        };
+        let vmm = slot.insert(self.spawn(&config)?);
+        let agent = connect_agent(self.cfg, self.dir, &self.dir.join(VSOCK_SOCKET), vmm)?;
+        template::refresh_guest(&agent, self.cfg.agent_timeout())?;
+        Ok(agent)
+    }
+
+    fn spawn(&self, config: &VmConfig) -> Result<Vmm, SandboxError> {
+        let vmm = Vmm::spawn(
+            self.vmm_bin,
+            config,
+            &self.dir.join("vm.json"),
+            &self.dir.join("vmm.log"),
+            self.taps.clone(),
+            self.cgroup_procs.clone(),
+        )?;
+        log::info!(
+            "sandbox dir {}: moat-vmm pid {} started",
+            self.dir.display(),
+            vmm.pid()
+        );
+        // For `shim delete` after this shim died: it finds the VM by this file.
+        let pid_file = self.dir.join(VMM_PID_FILE);
+        fs::write(&pid_file, vmm.pid().to_string())
+            .map_err(io_error(format!("write {}", pid_file.display())))?;
+        Ok(vmm)
+    }
+
+    /// Stops the VM in `slot` (spent or failed) and removes what a VMM
+    /// that did not exit cleanly left, so the next one can bind its sockets.
+    fn end(&self, slot: &mut Option<Vmm>) {
+        if let Some(vmm) = slot.take() {
+            vmm.stop(Duration::ZERO);
+        }
+        for socket in [VSOCK_SOCKET, "api.sock"] {
+            let _ = fs::remove_file(self.dir.join(socket));
+        }
     }
 }
 
@@ -510,8 +672,9 @@ fn check_files(cfg: &Config) -> Result<PathBuf, SandboxError> {
     Ok(vmm_bin)
 }
 
-fn log_boot(id: &str, vmm: &Vmm, agent: &AgentClient) {
+fn log_boot(id: &str, vmm: &Vmm, agent: &AgentClient, restored: bool) {
     let booted = match vmm.boot_time() {
+        _ if restored => "restored from a template".into(),
         Some(t) => format!("booted in {} ms (boot timer)", t.as_millis()),
         None => "boot timer not written".into(),
     };
@@ -560,7 +723,12 @@ fn vm_config(
             id: format!("net{i}"),
             tap: None,
             tap_fd: Some(*fd),
-            mac: Some(mac.clone()),
+            // A template's NICs must not carry the first pod's MACs.
+            mac: Some(if cfg.templates {
+                template::template_mac(i)
+            } else {
+                mac.clone()
+            }),
         })
         .collect();
     let config = VmConfig {

@@ -161,6 +161,22 @@ impl Vmm {
             })
     }
 
+    /// Pauses the VM and saves it as a template into `file` (open for
+    /// writing). The VM serves nothing afterwards: stop it.
+    pub fn save_template(&self, file: &File) -> Result<(), SandboxError> {
+        let api = |what: &str| {
+            let what = what.to_string();
+            move |source| SandboxError::VmmApi { what, source }
+        };
+        self.api
+            .pause()
+            .map_err(api("pause the VM for its template"))?;
+        self.api
+            .snapshot(file.as_fd())
+            .map(drop)
+            .map_err(api("save the VM as a template"))
+    }
+
     /// From moat-vmm's start to the guest's boot-timer write (the agent
     /// writes it as it begins to serve); None until then or on API errors.
     pub fn boot_time(&self) -> Option<Duration> {
