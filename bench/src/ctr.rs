@@ -83,6 +83,9 @@ pub struct Opts {
     pub moat_bin: Option<PathBuf>,
     pub moat_config: Option<PathBuf>,
     pub keep_logs: Option<PathBuf>,
+    /// With more than one, the memory of this many idle containers started
+    /// together is read too (`moat-bench start`'s density figure).
+    pub pods: usize,
 }
 
 pub fn parse_args(args: &[String]) -> Result<Opts, String> {
@@ -98,6 +101,7 @@ pub fn parse_args(args: &[String]) -> Result<Opts, String> {
         moat_bin: None,
         moat_config: None,
         keep_logs: None,
+        pods: 1,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -611,6 +615,52 @@ impl Bench {
         }
     }
 
+    /// Starts `pods` idle containers at once, waits, and reads the memory
+    /// of every shim tree together; all are removed afterwards.
+    fn density_memory(&self, rt: Runtime, pods: usize) -> Result<Vec<ProcMem>, String> {
+        let ids: Vec<String> = (0..pods).map(|i| self.id(rt, &format!("pod{i}"))).collect();
+        let started: Vec<Result<(), String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = ids
+                .iter()
+                .map(|id| {
+                    s.spawn(move || {
+                        proc::run(
+                            self.ctr()
+                                .args(["run", "-d", "--runtime", rt.containerd_name(), IMAGE])
+                                .arg(id)
+                                .args(["sleep", "3600"]),
+                            self.opts.timeout,
+                        )?
+                        .ok("ctr run -d")
+                        .map(drop)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
+                .collect()
+        });
+        let measured = match started.into_iter().find_map(Result::err) {
+            Some(e) => Err(e),
+            None if proc::sleep(self.opts.idle) => ids
+                .iter()
+                .map(|id| shim_tree_mem(&self.sock, rt.shim_binary(), id))
+                .collect::<Result<Vec<_>, _>>()
+                .map(|all| all.concat()),
+            None => Err("interrupted".to_string()),
+        };
+        let cleanup: Vec<String> = ids
+            .iter()
+            .flat_map(|id| remove_container(|| self.ctr(), id))
+            .collect();
+        match (measured, cleanup.is_empty()) {
+            (Ok(m), _) => Ok(m),
+            (Err(e), true) => Err(e),
+            (Err(e), false) => Err(format!("{e}; then {}", cleanup.join("; "))),
+        }
+    }
+
     /// Starts `sleep 3600`, waits, and sums PSS over the shim and all its
     /// descendants (runc: the container's process; moat: moat-vmm).
     fn idle_memory(&self, rt: Runtime) -> Result<Vec<ProcMem>, String> {
@@ -735,6 +785,8 @@ fn read_lines<T>(path: &Path, f: impl Fn(&str) -> Option<T>) -> Vec<T> {
 pub struct Report {
     pub runs: Vec<RunRecord>,
     pub idle: BTreeMap<&'static str, Result<Vec<ProcMem>, String>>,
+    /// The memory of `Opts::pods` idle containers together, when asked.
+    pub density: BTreeMap<&'static str, Result<Vec<ProcMem>, String>>,
     pub notes: Vec<String>,
     pub runtimes: Vec<Runtime>,
 }
@@ -956,7 +1008,9 @@ pub fn main(args: &[String]) {
     }
 }
 
-fn run(opts: Opts) -> Result<Report, String> {
+/// Runs the benchmark; the private containerd and everything it ran are
+/// gone when it returns.
+pub fn run(opts: Opts) -> Result<Report, String> {
     let repo = find_repo(opts.repo.as_ref())?;
     let mut path_env = std::env::var("PATH").unwrap_or_default();
     if let Some(b) = &opts.moat_bin {
@@ -1072,6 +1126,13 @@ fn measure(b: &mut Bench) -> Result<Report, String> {
                 eprintln!("{} idle memory: FAILED: {e}", rt.name());
             }
             report.idle.insert(rt.name(), m);
+            if b.opts.pods > 1 && !proc::interrupted() {
+                let m = b.density_memory(rt, b.opts.pods);
+                if let Err(e) = &m {
+                    eprintln!("{} memory of {} pods: FAILED: {e}", rt.name(), b.opts.pods);
+                }
+                report.density.insert(rt.name(), m);
+            }
         }
     }
     // Let the last events reach `ctr events`, then read everything.

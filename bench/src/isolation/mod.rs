@@ -4,7 +4,7 @@
 
 mod classify;
 mod measure;
-mod plot;
+pub mod plot;
 mod report;
 mod result;
 mod runtime;

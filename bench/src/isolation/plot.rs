@@ -162,6 +162,40 @@ fn bars(area: &Area, b: &Bars) -> Result<(), String> {
     Ok(())
 }
 
+/// One panel of [`bar_chart`]: named series of values by category (None:
+/// no bar); `log_ratio` values are log10 of ratios.
+pub struct BarChart<'a> {
+    pub title: &'a str,
+    pub y_desc: &'a str,
+    pub categories: Vec<String>,
+    pub series: Vec<(String, Vec<Option<f64>>)>,
+    pub log_ratio: bool,
+}
+
+/// A PNG of `charts` side by side (other benchmarks' plots).
+pub fn bar_chart(path: &Path, charts: &[BarChart]) -> Result<(), String> {
+    font()?;
+    let width = 700 * charts.len().max(1) as u32;
+    let root = BitMapBackend::new(path, (width, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let panels = root.split_evenly((1, charts.len().max(1)));
+    for (c, area) in charts.iter().zip(panels.iter()) {
+        bars(
+            area,
+            &Bars {
+                title: c.title,
+                y_desc: c.y_desc,
+                categories: c.categories.clone(),
+                series: c.series.clone(),
+                marked: vec![],
+                mark: "",
+                log_ratio: c.log_ratio,
+            },
+        )?;
+    }
+    root.present().map_err(err)
+}
+
 /// Performance isolation: degradation per stressor, a panel per workload metric.
 pub fn performance(path: &Path, rts: &[&RuntimeResult]) -> Result<(), String> {
     font()?;
