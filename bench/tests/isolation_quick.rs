@@ -177,6 +177,7 @@ fn quick_mode_writes_a_valid_report() {
         &config,
         format!(
             "kernel = \"{}\"\ninitramfs = \"{}\"\nvmm = \"{}\"\nstate_dir = \"{d}/run\"\nlayer_cache_dir = \"{d}/layers\"\n\
+             template_dir = \"{d}/templates\"\n\
              boot_timeout_secs = 900\nagent_timeout_secs = 900\n",
             kernel.display(),
             initramfs.display(),

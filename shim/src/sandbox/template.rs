@@ -111,11 +111,7 @@ pub fn save(vmm: &Vmm, path: &Path) -> Result<(), SandboxError> {
         .create(dir)
         .map_err(io_error(format!("create {}", dir.display())))?;
     let name = path.file_name().expect("a template path has a name");
-    let temp = dir.join(format!(
-        ".{}.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let temp = dir.join(temp_name(&name.to_string_lossy(), std::process::id()));
     let file = File::options()
         .read(true)
         .write(true)
@@ -134,7 +130,24 @@ pub fn save(vmm: &Vmm, path: &Path) -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Removes the templates of `current`'s shape other than it.
+/// The name a template is written under before its rename: `.<name>.<pid>`.
+fn temp_name(name: &str, pid: u32) -> String {
+    format!(".{name}.{pid}")
+}
+
+/// Whether `name` is a temporary file of a shim that is gone (killed
+/// while it saved).
+fn is_orphan_temp(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    rest.rsplit_once('.')
+        .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Removes the templates of `current`'s shape other than it, and the
+/// temporary files of shims that died while saving.
 fn remove_stale(dir: &Path, current: &Path) {
     let Some(shape) = current
         .file_name()
@@ -150,7 +163,8 @@ fn remove_stale(dir: &Path, current: &Path) {
     for e in entries.flatten() {
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(&shape) && name.ends_with(SUFFIX) && e.path() != current {
+        let stale = name.starts_with(&shape) && name.ends_with(SUFFIX) && e.path() != current;
+        if stale || is_orphan_temp(&name) {
             log::info!("removing stale template {}", e.path().display());
             let _ = fs::remove_file(e.path());
         }
@@ -255,8 +269,15 @@ mod tests {
         let other = dir.join(format!("{:016x}-0000000000000000.template", 7));
         fs::write(&other, "other shape").unwrap();
         fs::write(&rebuilt, "new").unwrap();
+        // A dead shim's half-written template goes too; a live one's stays.
+        let name = rebuilt.file_name().unwrap().to_string_lossy().into_owned();
+        let orphan = dir.join(temp_name(&name, u32::MAX));
+        let ours = dir.join(temp_name(&name, std::process::id()));
+        fs::write(&orphan, "half").unwrap();
+        fs::write(&ours, "half").unwrap();
         remove_stale(dir, &rebuilt);
         assert!(!p.exists() && rebuilt.exists() && other.exists());
+        assert!(!orphan.exists() && ours.exists());
         // A missing kernel is an error, not a template.
         fs::remove_file(dir.join("vmlinux")).unwrap();
         assert!(template_path(dir, &c, &vmm).is_err());
