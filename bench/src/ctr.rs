@@ -8,8 +8,8 @@
 //!   (set by the shim when it publishes) and TaskExit's `exited_at`;
 //! - the moat shim's log lines, relayed into containerd's log with their
 //!   RFC 3339 timestamps: `create <id> (bundle ...)`, `sandbox <id>:
-//!   moat-vmm pid N booting`, `sandbox <id>: agent ... is up`,
-//!   `sandbox <id>: VM stopped`;
+//!   moat-vmm pid N booting` (or `restoring <template>`), `sandbox <id>:
+//!   agent ... is up; ...`, `sandbox <id>: VM stopped`;
 //! - moat-vmm's log (`<state_dir>/<id>/vmm.log`, read while the container
 //!   runs, since the shim removes it): `Guest started after N us`;
 //! - the layer cache directory, listed before and after each run: a new
@@ -230,13 +230,17 @@ pub fn parts(
 
     let sandbox = format!("sandbox {id}: ");
     let shim_create = shim_line(log, |m| m.starts_with(&format!("create {id} (")));
+    // A VM started from a template logs `restoring <file>`; the first VM
+    // of a template boots first, and that line counts.
     let booting = shim_line(log, |m| {
-        m.strip_prefix(&sandbox)
-            .is_some_and(|r| r.starts_with("moat-vmm pid ") && r.ends_with(" booting"))
+        m.strip_prefix(&sandbox).is_some_and(|r| {
+            r.starts_with("moat-vmm pid ") && (r.ends_with(" booting") || r.contains(" restoring "))
+        })
     });
+    // `agent <version> on kernel <release> is up; <how it started>`.
     let agent_up = shim_line(log, |m| {
         m.strip_prefix(&sandbox)
-            .is_some_and(|r| r.starts_with("agent ") && r.ends_with(" is up"))
+            .is_some_and(|r| r.starts_with("agent ") && r.contains(" is up"))
     });
     let vm_stopped = shim_line(log, |m| m.strip_prefix(&sandbox) == Some("VM stopped"));
     let first_instruction =
@@ -1255,10 +1259,10 @@ mod tests {
             lg(r#"time="2025-11-27T18:58:42.2Z" level=info msg="create m00 (bundle /b)""#),
             lg(r#"time="2025-11-27T18:58:42.3Z" level=info msg="create m0 (bundle /run/x/m0)""#),
             lg(
-                r#"time="2025-11-27T18:58:42.5Z" level=info msg="sandbox m0: moat-vmm pid 77 booting""#,
+                r#"time="2025-11-27T18:58:42.5Z" level=info msg="sandbox m0: moat-vmm pid 77 restoring /t/x.template""#,
             ),
             lg(
-                r#"time="2025-11-27T18:59:12.5Z" level=info msg="sandbox m0: agent 0.1.0 on kernel 6.12 is up""#,
+                r#"time="2025-11-27T18:59:12.5Z" level=info msg="sandbox m0: agent 0.1.0 on kernel 6.12 is up; restored from a template""#,
             ),
             lg(r#"time="2025-11-27T18:59:13.4Z" level=info msg="sandbox m0: VM stopped""#),
             lg(r#"time="2025-11-27T18:59:13.5Z" level=info msg="deleted m0""#),

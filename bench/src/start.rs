@@ -191,8 +191,37 @@ fn combine(cold: &Half, template: &Half, pods: usize) -> Value {
             "all_over_one": ratio(all.map(|v| v as f64), one.map(|v| v as f64)),
         })
     };
+    // Each part of moat's start, cold against restored (`moat-bench ctr`'s
+    // parts; the template run that boots is left out of both).
+    let part = |h: &Half, key: &str, keep: &dyn Fn(usize) -> bool| {
+        let v: Vec<f64> = h
+            .report
+            .runs
+            .iter()
+            .filter(|r| r.ok && r.runtime == "moat" && keep(r.index))
+            .filter_map(|r| r.parts_ms.get(key).copied())
+            .collect();
+        percentile(&v, 50.0)
+    };
+    let parts: Vec<Value> = ctr::PARTS
+        .iter()
+        .map(|(key, what, _)| {
+            let cold_p50 = part(cold, key, &|_| true);
+            let restore_p50 = part(template, key, &|i| i > 0);
+            json!({
+                "key": key,
+                "what": what,
+                "cold_p50_ms": cold_p50,
+                "restore_p50_ms": restore_p50,
+                "restore_over_cold": ratio(restore_p50, cold_p50),
+            })
+        })
+        .filter(|p| !p["cold_p50_ms"].is_null() || !p["restore_p50_ms"].is_null())
+        .collect();
     json!({
         "start": start,
+        "moat_parts": parts,
+        "runs": { "cold": cold.report.runs, "template": template.report.runs },
         "memory": [
             memory(cold, Runtime::Runc),
             memory(cold, Runtime::Moat),
@@ -222,6 +251,17 @@ fn markdown(result: &Value, runs: usize) -> String {
         );
     }
     out += "| moat, warm pool | – | – | – | – | – | no pool in moat |\n";
+    out += "\n### moat's parts, cold boot against template restore (p50, ms)\n\n\
+            | part | cold | restore | restore / cold |\n| --- | ---: | ---: | ---: |\n";
+    for p in result["moat_parts"].as_array().into_iter().flatten() {
+        out += &format!(
+            "| {} | {} | {} | {} |\n",
+            p["what"].as_str().unwrap_or(""),
+            ms(&p["cold_p50_ms"]),
+            ms(&p["restore_p50_ms"]),
+            x(&p["restore_over_cold"]),
+        );
+    }
     let mib = |v: &Value| {
         v.as_f64()
             .map_or("–".into(), |v| format!("{:.1}", v / 1024.0))

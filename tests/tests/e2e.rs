@@ -159,7 +159,8 @@ fn plain_container_runs_in_its_own_vm() {
 /// Two containers, each in a VM of its own, from one template: the first
 /// `ctr run` boots a VM, saves it and restores it; the second only
 /// restores. Their guests draw different random bytes (the agent reseeds
-/// each from host entropy) and read the host's time.
+/// each from host entropy) and read the host's time. A third finds the
+/// template spoilt: it is replaced, and nothing is left behind.
 #[test]
 fn containers_start_from_one_template_and_differ() {
     let Some(c) = setup("e2e-tpl") else { return };
@@ -200,6 +201,28 @@ fn containers_start_from_one_template_and_differ() {
     let log = c.log();
     assert_eq!(log.matches("saved template").count(), 1, "{log}");
     assert_eq!(log.matches("restored from a template").count(), 2, "{log}");
+
+    // A template that cannot be restored (here: overwritten) is removed,
+    // and the VM boots and saves a new one in its place.
+    let templates = c.dir.join("templates");
+    let files = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&templates)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    };
+    let found = files();
+    let [template] = &found[..] else {
+        panic!("one template expected: {found:?}")
+    };
+    std::fs::write(template, "not a template").unwrap();
+    let o = c.run(&["--rm"], "tpl-third", &["true"]);
+    assert_eq!(o.status.code(), Some(0), "{}\n{}", text(&o), c.log());
+    let log = c.log();
+    assert!(log.contains("booting a new one"), "{log}");
+    assert_eq!(log.matches("saved template").count(), 2, "{log}");
+    assert_eq!(files().len(), 1, "{:?}", files());
+    assert!(std::fs::metadata(template).unwrap().len() > 1 << 20);
     c.assert_no_leaks();
 }
 

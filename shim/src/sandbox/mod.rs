@@ -317,6 +317,7 @@ impl Sandbox {
         }
         let start = VmStart {
             cfg,
+            id,
             dir,
             vmm_bin: &vmm_bin,
             taps: taps.iter().map(|(fd, _)| *fd).collect(),
@@ -494,6 +495,8 @@ fn with_template_macs(
 /// What starting a pod's VM needs besides its configuration.
 struct VmStart<'a> {
     cfg: &'a Config,
+    /// The sandbox's id, for the log.
+    id: &'a str,
     dir: &'a Path,
     vmm_bin: &'a Path,
     /// Tap fds moat-vmm inherits.
@@ -534,7 +537,11 @@ impl VmStart<'_> {
         drop(agent);
         let vmm = slot.as_ref().expect("a booted VM has a VMM");
         if let Some(t) = vmm.boot_time() {
-            log::info!("template VM booted in {} ms (boot timer)", t.as_millis());
+            log::info!(
+                "sandbox {}: template VM booted in {} ms (boot timer)",
+                self.id,
+                t.as_millis()
+            );
         }
         if let Err(e) = template::save(vmm, &path) {
             // Saving leaves the VM spent: boot again, without a template.
@@ -581,6 +588,8 @@ impl VmStart<'_> {
         Ok(agent)
     }
 
+    /// Starts moat-vmm; the log line says whether it boots or restores
+    /// (`moat-bench ctr` times the parts from it).
     fn spawn(&self, config: &VmConfig) -> Result<Vmm, SandboxError> {
         let vmm = Vmm::spawn(
             self.vmm_bin,
@@ -590,11 +599,15 @@ impl VmStart<'_> {
             self.taps.clone(),
             self.cgroup_procs.clone(),
         )?;
-        log::info!(
-            "sandbox dir {}: moat-vmm pid {} started",
-            self.dir.display(),
-            vmm.pid()
-        );
+        match &config.restore {
+            Some(t) => log::info!(
+                "sandbox {}: moat-vmm pid {} restoring {}",
+                self.id,
+                vmm.pid(),
+                t.display()
+            ),
+            None => log::info!("sandbox {}: moat-vmm pid {} booting", self.id, vmm.pid()),
+        }
         // For `shim delete` after this shim died: it finds the VM by this file.
         let pid_file = self.dir.join(VMM_PID_FILE);
         fs::write(&pid_file, vmm.pid().to_string())
