@@ -93,12 +93,26 @@ pub fn client(data: &[u8]) {
 /// response it is sent, then hangs up; and its socket path.
 type ResponseServer = Mutex<(Sender<Vec<u8>>, PathBuf)>;
 
+/// The directory of the response server's socket, for this process.
+fn server_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("moat-fuzz-api-{}", std::process::id()))
+}
+
+/// Removes [`server_dir`] when the process exits: the server lives as long
+/// as the process, and no test run may leave a directory behind.
+extern "C" fn remove_server_dir() {
+    let _ = std::fs::remove_dir_all(server_dir());
+}
+
 fn response_server() -> Option<&'static ResponseServer> {
     static SERVER: OnceLock<Option<ResponseServer>> = OnceLock::new();
     SERVER
         .get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("moat-fuzz-api-{}", std::process::id()));
+            let dir = server_dir();
             std::fs::create_dir_all(&dir).ok()?;
+            // SAFETY: registers a plain function with no captured state;
+            // exit runs it once, after main returns or `exit` is called.
+            unsafe { libc::atexit(remove_server_dir) };
             let path = dir.join("api.sock");
             let _ = std::fs::remove_file(&path);
             let listener = UnixListener::bind(&path).ok()?;
