@@ -971,16 +971,19 @@ impl Report {
     }
 }
 
-pub fn main(args: &[String]) {
-    let opts = match parse_args(args) {
+/// What each `moat-bench` command that drives containerd does first:
+/// takes its parsed arguments (on an error, prints it with `usage` and
+/// exits 2), stops on Ctrl-C, and cleans up on a panic (with panic =
+/// "abort" nothing unwinds: the hook is the last chance to clean up).
+pub fn begin<T>(command: &str, usage: &str, parsed: Result<T, String>) -> T {
+    let opts = match parsed {
         Ok(o) => o,
         Err(e) => {
-            eprintln!("moat-bench ctr: {e}\n{USAGE}");
+            eprintln!("moat-bench {command}: {e}\n{usage}");
             std::process::exit(2);
         }
     };
     proc::catch_signals();
-    // With panic = "abort" nothing unwinds: the hook is the last chance to clean up.
     let prev = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         prev(info);
@@ -990,6 +993,11 @@ pub fn main(args: &[String]) {
             }
         }
     }));
+    opts
+}
+
+pub fn main(args: &[String]) {
+    let opts = begin("ctr", USAGE, parse_args(args));
     match run(opts.clone()) {
         Ok(report) => {
             print!("{}", report.markdown(opts.runs));

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::args;
 use crate::ctr::{self, Report, Runtime};
-use crate::proc::{self, ProcMem};
+use crate::proc::ProcMem;
 use crate::stats::{percentile, ratio};
 use crate::timestamp;
 
@@ -346,14 +346,7 @@ fn plot(path: &Path, result: &Value) -> Result<(), String> {
 }
 
 pub fn main(args: &[String]) {
-    let opts = match parse_args(args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("moat-bench start: {e}\n{USAGE}");
-            std::process::exit(2);
-        }
-    };
-    proc::catch_signals();
+    let opts = ctr::begin("start", USAGE, parse_args(args));
     let dir = std::env::temp_dir().join(format!("moat-bench-start-{}", std::process::id()));
     let result = fs::create_dir_all(&dir)
         .map_err(|e| format!("create {}: {e}", dir.display()))

@@ -20,12 +20,14 @@ pub mod client;
 pub mod config;
 pub mod guest;
 pub mod limits;
+mod shape;
 
 pub use api::{BlockRequest, ErrorBody, ShutdownRequest, VmInfo, VmState};
 pub use client::{ApiClient, ClientError, Response};
 pub use config::{
     parse_mac, BlockConfig, ConfigError, JailConfig, NetConfig, SerialOutput, VmConfig, VsockConfig,
 };
+pub use shape::Shape;
 
 #[cfg(test)]
 mod tests;

@@ -26,10 +26,10 @@ use crate::devices::virtio::{self, MmioTransport, VirtioDevice};
 use crate::devices::Bus;
 use crate::layout::*;
 use crate::seccomp::{self, ThreadKind};
-use crate::snapshot::{SavedVm, Shape, Template, TemplateError};
+use crate::snapshot::{SavedVm, Template, TemplateError};
 use crate::vstate::snapshot::VmState as KvmVmState;
 use crate::vstate::{ExitCode, VcpuStart, Vcpus, Vm};
-use moat_vmm_api::{SerialOutput, VmConfig, VmInfo, VmState};
+use moat_vmm_api::{SerialOutput, Shape, VmConfig, VmInfo, VmState};
 
 /// Why the VMM could not build or start a VM; `main` exits with code 1 on any of them.
 #[derive(Debug, thiserror::Error)]

@@ -224,24 +224,7 @@ fn find_probe(opt: Option<&PathBuf>, repo: &Path) -> Result<PathBuf, String> {
 }
 
 pub fn main(args: &[String]) {
-    let opts = match parse_args(args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("moat-bench isolation: {e}\n{USAGE}");
-            std::process::exit(2);
-        }
-    };
-    proc::catch_signals();
-    // With panic = "abort" nothing unwinds: the hook is the last chance to clean up.
-    let prev = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        prev(info);
-        if let Some(c) = ctr::take_cleanup() {
-            for n in c.run() {
-                eprintln!("{n}");
-            }
-        }
-    }));
+    let opts = ctr::begin("isolation", USAGE, parse_args(args));
     match run(&opts) {
         Ok(failed) => {
             eprintln!("moat-bench isolation: wrote {}", opts.out.display());

@@ -396,11 +396,7 @@ impl Sandbox {
     /// Returns the slots of a removed container's disks.
     pub fn release(&self, serials: &[String]) {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        self.release_locked(&mut slots, serials);
-    }
-
-    fn release_locked(&self, slots: &mut [Slot], serials: &[String]) {
-        release_slots(slots, serials);
+        release_slots(&mut slots, serials);
     }
 
     /// Powers the VM off: the agent's Shutdown, then the VMM API, then
@@ -686,10 +682,14 @@ fn check_files(cfg: &Config) -> Result<PathBuf, SandboxError> {
 }
 
 fn log_boot(id: &str, vmm: &Vmm, agent: &AgentClient, restored: bool) {
-    let booted = match vmm.boot_time() {
-        _ if restored => "restored from a template".into(),
-        Some(t) => format!("booted in {} ms (boot timer)", t.as_millis()),
-        None => "boot timer not written".into(),
+    // A restored VM has no boot time: no API round trip for it.
+    let booted = if restored {
+        "restored from a template".into()
+    } else {
+        match vmm.boot_time() {
+            Some(t) => format!("booted in {} ms (boot timer)", t.as_millis()),
+            None => "boot timer not written".into(),
+        }
     };
     log::info!(
         "sandbox {id}: agent {} on kernel {} is up; {booted}",

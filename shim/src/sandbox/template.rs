@@ -23,7 +23,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use moat_protocol::agent::RestoredRequest;
 use moat_protocol::AgentClient;
-use moat_vmm_api::VmConfig;
+use moat_vmm_api::{Shape, VmConfig};
 
 use super::vmm::Vmm;
 use super::{io_error, SandboxError};
@@ -38,33 +38,13 @@ pub fn template_mac(index: usize) -> String {
     format!("02:6d:6f:61:74:{:02x}", index & 0xff)
 }
 
-/// What makes two VMs restorable from one template (moat-vmm checks the
-/// same on restore, and refuses a mismatch).
+/// The VM's shape (moat-vmm's own check on restore) and its NICs' MACs,
+/// which the guest keeps from the template's boot.
 fn shape_key(config: &VmConfig) -> u64 {
-    let mut text = format!(
-        "{}\n{:?}\n{}\n{}\n{}\n",
-        config.kernel.display(),
-        config.initramfs,
-        config.cmdline,
-        config.vcpus,
-        config.memory_mib
-    );
-    for b in &config.block {
-        text.push_str(&format!(
-            "block {} {:?} {}\n",
-            b.id,
-            b.serial,
-            b.path.is_some()
-        ));
-    }
+    let mut text = serde_json::to_string(&Shape::of(config)).expect("a shape always serializes");
     for n in &config.net {
-        text.push_str(&format!("net {} {:?}\n", n.id, n.mac));
+        text.push_str(&format!("\nmac {:?}", n.mac));
     }
-    text.push_str(&format!(
-        "vsock {:?}\nrng {}\n",
-        config.vsock.as_ref().map(|v| v.guest_cid),
-        config.rng
-    ));
     fnv1a(text.as_bytes())
 }
 
@@ -186,7 +166,9 @@ pub fn refresh_guest(
     timeout: std::time::Duration,
 ) -> Result<(), SandboxError> {
     let mut entropy = vec![0u8; ENTROPY_BYTES];
-    getrandom(&mut entropy).map_err(io_error("read host entropy"))?;
+    File::open("/dev/urandom")
+        .and_then(|mut f| io::Read::read_exact(&mut f, &mut entropy))
+        .map_err(io_error("read host entropy"))?;
     let realtime_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -200,24 +182,6 @@ pub fn refresh_guest(
         .restored(agent.ctx_timeout(timeout), &request)
         .map(drop)
         .map_err(|e| SandboxError::Api(format!("Restored: {e}")))
-}
-
-fn getrandom(buf: &mut [u8]) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-            continue;
-        }
-        done += n as usize;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! port) and then guest memory from a page boundary on. Every VM restored
 //! from it maps that memory copy-on-write ([`memory::map_private`]).
 //!
-//! A template is only valid for VMs of its shape ([`Shape`]): the same
+//! A template is only valid for VMs of its shape (`moat_vmm_api::Shape`): the same
 //! kernel, initramfs, command line, vCPUs, memory and devices, in order.
 //! What may differ is each device's host side: disk files, taps, the vsock
 //! socket path, the console's output.
@@ -18,7 +18,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use moat_vmm_api::VmConfig;
+use moat_vmm_api::{Shape, VmConfig};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestAddress;
 
@@ -63,54 +63,6 @@ pub enum TemplateError {
     /// Guest memory could not be saved or mapped.
     #[error(transparent)]
     Memory(#[from] MemoryError),
-}
-
-/// What makes VMs interchangeable for a template.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Shape {
-    kernel: PathBuf,
-    initramfs: Option<PathBuf>,
-    cmdline: String,
-    vcpus: u8,
-    memory_mib: u64,
-    block: Vec<String>,
-    net: Vec<String>,
-    vsock_cid: Option<u64>,
-    rng: bool,
-}
-
-impl Shape {
-    /// The shape of the VM `cfg` describes.
-    pub fn of(cfg: &VmConfig) -> Shape {
-        Shape {
-            kernel: cfg.kernel.clone(),
-            initramfs: cfg.initramfs.clone(),
-            cmdline: cfg.cmdline.clone(),
-            vcpus: cfg.vcpus,
-            memory_mib: cfg.memory_mib,
-            block: cfg.block.iter().map(|b| b.id.clone()).collect(),
-            net: cfg.net.iter().map(|n| n.id.clone()).collect(),
-            vsock_cid: cfg.vsock.as_ref().map(|v| v.guest_cid),
-            rng: cfg.rng,
-        }
-    }
-
-    /// The first field in which `other` differs, if any.
-    fn difference(&self, other: &Shape) -> Option<&'static str> {
-        [
-            (self.kernel != other.kernel, "kernel"),
-            (self.initramfs != other.initramfs, "initramfs"),
-            (self.cmdline != other.cmdline, "command line"),
-            (self.vcpus != other.vcpus, "vCPU count"),
-            (self.memory_mib != other.memory_mib, "memory size"),
-            (self.block != other.block, "block device list"),
-            (self.net != other.net, "net device list"),
-            (self.vsock_cid != other.vsock_cid, "vsock device"),
-            (self.rng != other.rng, "rng device"),
-        ]
-        .into_iter()
-        .find_map(|(differs, what)| differs.then_some(what))
-    }
 }
 
 /// Everything of a VM but its memory.

@@ -137,9 +137,9 @@ pub struct Vcpus {
     /// Each vCPU's fd; its thread holds the lock only around KVM_RUN and
     /// the exit's dispatch, so a paused vCPU's fd is free to save.
     fds: Vec<Arc<Mutex<VcpuFd>>>,
-    /// The MSRs a template saves (read before any filter is installed:
+    /// The MSRs KVM lists for saving (read before any filter is installed:
     /// listing them is a system ioctl).
-    msr_indices: Vec<u32>,
+    listed_msrs: Vec<u32>,
 }
 
 fn kick_signal() -> i32 {
@@ -211,10 +211,7 @@ impl Vcpus {
             }
             fds.push(fd);
         }
-        let msr_indices = match fds.first() {
-            Some(fd) => snapshot::msr_indices(&vm.kvm, fd)?,
-            None => Vec::new(),
-        };
+        let listed_msrs = snapshot::listed_msrs(&vm.kvm)?;
         let fds: Vec<_> = fds.into_iter().map(|fd| Arc::new(Mutex::new(fd))).collect();
         let control = Arc::new(VcpuControl {
             stop: AtomicBool::new(false),
@@ -229,7 +226,7 @@ impl Vcpus {
             handles: Mutex::new(vec![]),
             control,
             fds: fds.clone(),
-            msr_indices,
+            listed_msrs,
         };
         for (id, fd) in fds.into_iter().enumerate() {
             let (pio, mmio, control) = (pio.clone(), mmio.clone(), vcpus.control.clone());
@@ -297,9 +294,13 @@ impl Vcpus {
     /// be paused ([`Vcpus::pause`]), so none is inside KVM_RUN.
     pub fn save(&self) -> Result<Vec<VcpuState>, SnapshotError> {
         debug_assert!(self.is_paused());
+        let Some(first) = self.fds.first() else {
+            return Ok(Vec::new());
+        };
+        let indices = snapshot::msr_indices(&self.listed_msrs, &first.lock().unwrap());
         self.fds
             .iter()
-            .map(|fd| VcpuState::save(&fd.lock().unwrap(), &self.msr_indices))
+            .map(|fd| VcpuState::save(&fd.lock().unwrap(), &indices))
             .collect()
     }
 

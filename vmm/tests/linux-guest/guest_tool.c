@@ -16,6 +16,20 @@
 #include <time.h>
 #include <linux/vm_sockets.h>
 
+/* Reads from fd until a newline, EOF or a full buffer; NUL-terminates.
+ * Returns the number of bytes read. */
+static int read_line(int fd, char *buf, int size) {
+    int got = 0;
+    while (got < size - 1) {
+        int r = read(fd, buf + got, size - 1 - got);
+        if (r <= 0) break;
+        got += r;
+        if (memchr(buf, '\n', got)) break;
+    }
+    buf[got] = 0;
+    return got;
+}
+
 static int vsock_echo(unsigned port, const char *msg) {
     int fd = socket(AF_VSOCK, SOCK_STREAM, 0);
     if (fd < 0) { perror("vsock socket"); return 1; }
@@ -25,14 +39,7 @@ static int vsock_echo(unsigned port, const char *msg) {
     int n = snprintf(line, sizeof line, "%s\n", msg);
     if (write(fd, line, n) != n) { perror("vsock write"); return 1; }
     char reply[256];
-    int got = 0;
-    while (got < (int)sizeof reply - 1) {
-        int r = read(fd, reply + got, sizeof reply - 1 - got);
-        if (r <= 0) break;
-        got += r;
-        if (memchr(reply, '\n', got)) break;
-    }
-    reply[got] = 0;
+    int got = read_line(fd, reply, sizeof reply);
     printf("vsock reply: %s", reply);
     close(fd);
     return got > 0 ? 0 : 1;
@@ -50,14 +57,7 @@ static int vsock_serve(unsigned port) {
         int c = accept(fd, NULL, NULL);
         if (c < 0) continue;
         char line[128];
-        int got = 0;
-        while (got < (int)sizeof line - 1) {
-            int r = read(c, line + got, sizeof line - 1 - got);
-            if (r <= 0) break;
-            got += r;
-            if (memchr(line, '\n', got)) break;
-        }
-        line[got] = 0;
+        read_line(c, line, sizeof line);
         char *nl = strchr(line, '\n');
         if (nl) *nl = 0;
         if (strcmp(line, "sleep") == 0) {
